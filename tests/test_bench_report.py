@@ -1,0 +1,170 @@
+"""The benchmark report's aggregation and rendering: numbers must come from results JSON, unchanged."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # `bench` is a top-level folder, not an installed package
+    sys.path.insert(0, str(_ROOT))
+
+from bench.common import dig, mean_std, write_results  # noqa: E402
+from bench.report import (  # noqa: E402
+    ReportError,
+    build_report,
+    demote_headings,
+    format_number,
+    load_results,
+    markdown_table,
+    render_table,
+)
+
+MACHINE = {"nproc": 2, "cpu": "Test CPU 9000", "torch": "2.13.0", "device": "cpu"}
+
+
+def payload(title: str, measured: object, **extra: object) -> dict:
+    return {
+        "title": title,
+        "command": f"python -m bench.{title.lower()} --quick",
+        "machine": MACHINE,
+        "date": "2031-02-03",
+        "wall_s": 61.4,
+        "summary": [
+            {"figure": f"{title} accuracy", "goal": "≥ 99.0 %", "measured": measured, "fmt": "pct", "met": False}
+        ],
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("values", [[0.91, 0.95, 0.97], [1.0, 2.0], [3.5, 3.5, 3.5, 3.5]])
+def test_mean_std_matches_statistics_module(values: list[float]) -> None:
+    result = mean_std(values)
+    assert result["n"] == len(values)
+    assert result["mean"] == pytest.approx(statistics.fmean(values))
+    assert result["std"] == pytest.approx(statistics.stdev(values))
+
+
+def test_mean_std_of_one_value_has_zero_spread_and_empty_is_refused() -> None:
+    assert mean_std([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1}
+    with pytest.raises(ValueError, match="at least one"):
+        mean_std([])
+
+
+def test_dig_walks_dotted_paths_and_names_the_missing_key() -> None:
+    data = {"verification": {"tar_at_far": {"0.01": {"tar": 0.8}}}}
+    assert dig(data, "verification.tar_at_far") == {"0.01": {"tar": 0.8}}
+    with pytest.raises(KeyError, match="open_set"):
+        dig(data, "open_set.rank1")
+
+
+@pytest.mark.parametrize(
+    ("value", "fmt", "expected"),
+    [
+        (0.99123, "pct", "99.12 %"),
+        (0.5, "g", "0.5"),
+        (0.001, "g", "0.001"),
+        (41.6, "s", "42 s"),
+        (None, "pct", "—"),
+        ("resnet18", "str", "resnet18"),
+        ({"mean": 0.9, "std": 0.012, "n": 3}, "pct", "90.00 ± 1.20 % (n=3)"),
+        ({"mean": 0.91234, "std": 0.0042, "n": 2}, "f3", "0.912 ± 0.004 (n=2)"),
+    ],
+)
+def test_format_number(value: object, fmt: str, expected: str) -> None:
+    assert format_number(value, fmt) == expected
+
+
+def test_format_number_rejects_unknown_format() -> None:
+    with pytest.raises(ReportError, match="unknown number format"):
+        format_number(1.0, "percent")
+
+
+def test_markdown_table_escapes_pipes_and_checks_width() -> None:
+    table = markdown_table(["a", "b"], [["x|y", "2"]])
+    assert table.splitlines() == ["| a | b |", "| --- | --- |", "| x\\|y | 2 |"]
+    with pytest.raises(ReportError, match="2 columns"):
+        markdown_table(["a", "b"], [["only one"]])
+
+
+def test_render_table_formats_each_column_by_its_own_format() -> None:
+    table = {
+        "title": "Sweep",
+        "columns": [{"name": "λ", "fmt": "g"}, {"name": "acc", "fmt": "pct"}],
+        "rows": [[0.01, 0.987], [0, {"mean": 0.5, "std": 0.1, "n": 3}]],
+    }
+    lines = render_table(table).splitlines()
+    assert lines[0] == "**Sweep**"
+    assert lines[-2] == "| 0.01 | 98.70 % |"
+    assert lines[-1] == "| 0 | 50.00 ± 10.00 % (n=3) |"
+
+
+def test_demote_headings_skips_fenced_code() -> None:
+    text = "# Title\nbody\n```bash\n# a shell comment\n```\n### Deep\n###### Max"
+    assert demote_headings(text, 2).splitlines() == [
+        "### Title",
+        "body",
+        "```bash",
+        "# a shell comment",
+        "```",
+        "##### Deep",
+        "###### Max",
+    ]
+
+
+def test_report_takes_every_number_from_results_and_merges_sections(tmp_path: Path) -> None:
+    results_dir = tmp_path / "results"
+    write_results("faces_orl", payload("Faces", {"mean": 0.8312, "std": 0.021, "n": 3}), results_dir)
+    write_results(
+        "paper_mnist",
+        payload(
+            "Mnist",
+            0.98765,
+            tables=[
+                {"title": "Per λ", "columns": [{"name": "λ"}, {"name": "acc", "fmt": "pct"}], "rows": [[0.1, 0.4321]]}
+            ],
+            plots=[{"path": "docs/img/mnist_lambda_0.1.png", "caption": "features at λ=0.1"}],
+            runs=[{"name": "train λ=0.1", "command": "python -m training --center-weight 0.1", "wall_s": 12.0}],
+            not_run=["the full 60k-image schedule (needs a GPU)"],
+        ),
+        results_dir,
+    )
+    section = tmp_path / "benchmarks_service.md"
+    section.write_text("# Serving\n\n| p50 | 3.1 ms |\n")
+    results = load_results(results_dir)
+    assert list(results) == ["paper_mnist", "faces_orl"]  # report order, not file-name order
+
+    report = build_report(results, [("Serving and gallery", section), ("Center-loss op", tmp_path / "missing.md")])
+    summary = report.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert "98.77 %" in summary and "83.12 ± 2.10 % (n=3)" in summary
+    assert summary.index("Mnist accuracy") < summary.index("Faces accuracy")
+    assert "2× Test CPU 9000, torch 2.13.0" in summary and "2031-02-03" in summary
+    assert "`python -m bench.mnist --quick`" in summary
+    assert "| 0.1 | 43.21 % |" in report
+    assert "![features at λ=0.1](img/mnist_lambda_0.1.png)" in report
+    assert "`python -m training --center-weight 0.1`" in report
+    assert "#### Serving" not in report and "### Serving" in report and "| p50 | 3.1 ms |" in report
+    assert "`" + str(tmp_path / "missing.md") + "` was not written yet" in report
+    assert "## What was not run" in report and "Mnist: the full 60k-image schedule (needs a GPU)" in report
+
+
+def test_report_changes_when_a_result_changes(tmp_path: Path) -> None:
+    """No number is baked into the renderer: editing the JSON value changes the report."""
+    results_dir = tmp_path / "results"
+    path = write_results("sensitivity", payload("Sens", 0.25), results_dir)
+    before = build_report(load_results(results_dir), [])
+    data = json.loads(path.read_text())
+    data["summary"][0]["measured"] = 0.75
+    path.write_text(json.dumps(data))
+    after = build_report(load_results(results_dir), [])
+    assert "25.00 %" in before and "25.00 %" not in after and "75.00 %" in after
+
+
+def test_load_results_names_the_file_missing_a_field(tmp_path: Path) -> None:
+    (tmp_path / "broken.json").write_text(json.dumps({"title": "x", "command": "y", "machine": MACHINE}))
+    with pytest.raises(ReportError, match=r"broken\.json has no 'date'"):
+        load_results(tmp_path)
