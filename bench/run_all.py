@@ -1,0 +1,71 @@
+"""Run every bench, then regenerate ``docs/benchmarks.md``: ``python -m bench.run_all --quick|--full``.
+
+``--quick`` is sized for about 10 minutes on 2 CPU cores (subsets, few epochs, one seed); ``--full`` runs
+the complete schedules and wants a GPU (``--device cuda``). Each step is a separate process, so one that
+fails is reported and the others still run; the exit status is non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import ROOT, display_command
+
+# (module, extra args for --quick, extra args for --full, whether it takes --device cpu|cuda|auto)
+STEPS: tuple[tuple[str, list[str], list[str], bool], ...] = (
+    ("bench.center_loss_op", ["--quick", "--markdown", "docs/benchmarks_center_loss.md"],
+     ["--markdown", "docs/benchmarks_center_loss.md"], False),
+    ("bench.serving", ["--quick", "--markdown", "docs/benchmarks_service.md"],
+     ["--markdown", "docs/benchmarks_service.md"], False),
+    ("bench.paper_mnist", ["--quick"], ["--full"], True),
+    ("bench.faces_orl", ["--quick"], ["--full"], True),
+    ("bench.sensitivity", ["--quick"], ["--full"], True),
+)  # fmt: skip
+
+
+def module_file(module: str) -> Path:
+    return ROOT / (module.replace(".", "/") + ".py")
+
+
+def plan(full: bool, device: str) -> list[list[str]]:
+    """The commands to run, in order (benches whose module is absent are left out with a message)."""
+    commands = []
+    for module, quick_args, full_args, takes_device in STEPS:
+        if not module_file(module).is_file():
+            print(f"-- {module}: {module_file(module).relative_to(ROOT)} not found, not run", flush=True)
+            continue
+        argv = [sys.executable, "-m", module, *(full_args if full else quick_args)]
+        if takes_device:
+            argv += ["--device", device]
+        commands.append(argv)
+    commands.append([sys.executable, "-m", "bench.report"])
+    return commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.split("\n\n")[0])
+    preset = parser.add_mutually_exclusive_group(required=True)
+    preset.add_argument("--quick", action="store_true", help="about 10 minutes on 2 CPU cores")
+    preset.add_argument("--full", action="store_true", help="complete schedules (hours on CPU; use a GPU)")
+    parser.add_argument("--device", default="cpu", help="device for the training benches: cpu, cuda or auto")
+    args = parser.parse_args(argv)
+    failed = []
+    for command in plan(args.full, args.device):
+        print(f"== {display_command(command)}", flush=True)
+        started = time.perf_counter()
+        code = subprocess.run(command, cwd=ROOT, check=False).returncode
+        print(f"== exit {code} after {time.perf_counter() - started:.0f}s", flush=True)
+        if code != 0:
+            failed.append(display_command(command))
+    if failed:
+        print("failed steps:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
