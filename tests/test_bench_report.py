@@ -168,3 +168,65 @@ def test_load_results_names_the_file_missing_a_field(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text(json.dumps({"title": "x", "command": "y", "machine": MACHINE}))
     with pytest.raises(ReportError, match=r"broken\.json has no 'date'"):
         load_results(tmp_path)
+
+
+def test_cli_flags_spells_options_like_the_training_cli() -> None:
+    from bench.common import cli_flags
+
+    argv = cli_flags(feat_dim=2, image_size=(28, 28), no_hflip=True, amp=False, lr=None, center_weight=0.0)
+    assert argv == ["--feat-dim", "2", "--image-size", "28", "28", "--no-hflip", "--center-weight", "0.0"]
+
+
+def test_faces_aggregate_is_mean_std_per_metric_and_skips_missing_values() -> None:
+    from bench.faces_orl import METRICS, aggregate
+
+    keys = [key for key, _, _ in METRICS]
+    runs = [{"metrics": dict.fromkeys(keys, value)} for value in (0.8, 0.9, 1.0)]
+    runs[0]["metrics"]["tar_1e-3"] = None  # e.g. too few negatives in one run
+    result = aggregate(runs)
+    assert result["ten_fold"]["mean"] == pytest.approx(0.9)
+    assert result["ten_fold"]["std"] == pytest.approx(statistics.stdev([0.8, 0.9, 1.0]))
+    assert result["tar_1e-3"] == {
+        "mean": pytest.approx(0.95),
+        "std": pytest.approx(statistics.stdev([0.9, 1.0])),
+        "n": 2,
+    }
+
+
+def test_sensitivity_sweeps_share_the_paper_point() -> None:
+    from bench.sensitivity import FIXED_ALPHA, FIXED_LAMBDA, sweep_points
+
+    points = sweep_points([0.01, 0.0, FIXED_LAMBDA], [1.0, FIXED_ALPHA])
+    assert [p for p in points if p[0] == "lambda"] == [
+        ("lambda", 0.0, FIXED_ALPHA),
+        ("lambda", FIXED_LAMBDA, FIXED_ALPHA),
+        ("lambda", 0.01, FIXED_ALPHA),
+    ]
+    assert ("alpha", FIXED_LAMBDA, FIXED_ALPHA) in points  # trained once, used by both sweeps
+    assert len({(lam, alpha) for _, lam, alpha in points}) == 4
+
+
+def test_mnist_summary_judges_goals_against_the_lambda_zero_baseline() -> None:
+    import argparse
+
+    from bench.common import IMG_DIR
+    from bench.paper_mnist import summarise
+
+    def row(lam: float, closed: float, tar: float, rank1: float) -> dict:
+        return {
+            "lambda": lam,
+            "closed_wall_s": 10.0,
+            "closed": {"images": 100, "nearest_center_accuracy": closed, "euclidean_center_accuracy": closed,
+                       "plot": IMG_DIR / f"x{lam}.png"},
+            "open": {"tar_at_far_1e-2": tar, "rank1": rank1, "ten_fold_accuracy": 0.9, "auc": 0.95,
+                     "dir_at_far_1e-2": 0.5, "pairs": "1+/2-"},
+        }  # fmt: skip
+
+    args = argparse.Namespace(train_per_class=200, test_per_class=None, epochs=5, seed=0)
+    payload = summarise([row(0.0, 0.97, 0.40, 0.80), row(0.01, 0.992, 0.55, 0.79)], args, "python -m bench.paper_mnist")
+    met = {r["figure"]: r["met"] for r in payload["summary"]}
+    assert met["MNIST closed-set test accuracy (nearest center), 2-D features, λ = 0"] is None
+    assert met["MNIST closed-set test accuracy (nearest center), 2-D features, λ = 0.01"] is True
+    assert met["MNIST open set (train 0–5, test 6–9) TAR@FAR=1e-2, λ = 0.01"] is True
+    assert met["MNIST open set (train 0–5, test 6–9) rank-1, λ = 0.01"] is False
+    assert payload["tables"][0]["rows"][1][2] == 0.992
