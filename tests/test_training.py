@@ -1,0 +1,220 @@
+"""End-to-end tests of ``python -m training`` and ``python -m training.evaluate`` on a small real slice:
+scikit-learn's 8×8 digits (36 per class + one corrupt file per class), LeNets++ with 2-D features."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import evaluate, train
+from training.bundle import load_bundle
+from training.datasets import export_digits
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_CLASS = 36
+EPOCHS = 3
+TRAIN_ARGS = ["--arch", "lenetpp", "--feat-dim", "2", "--image-size", "16", "16", "--no-hflip",
+              "--epochs", str(EPOCHS), "--batch-size", "32", "--lr", "0.05", "--warmup-epochs", "1",
+              "--center-weight", "0.01", "--holdout-identities", "3", "--seed", "0", "--device", "cpu",
+              "--target-far", "0.01"]  # fmt: skip
+EVAL_KEYS = {"closed_set", "verification", "open_set", "threshold"}
+VERIFICATION_KEYS = {"positive_pairs", "negative_pairs", "auc", "tar_at_far", "ten_fold_accuracy"}
+
+
+def run_cli(
+    *args: str, module: str = "training", env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 identities × 36 real digit images, plus one undecodable file in every identity folder."""
+    full = export_digits(tmp_path_factory.mktemp("digits_full") / "digits")
+    root = tmp_path_factory.mktemp("digits") / "data"
+    for folder in sorted(p for p in full.iterdir() if p.is_dir()):
+        (root / folder.name).mkdir(parents=True)
+        for image in sorted(folder.glob("*.png"))[:PER_CLASS]:
+            shutil.copy(image, root / folder.name / image.name)
+        (root / folder.name / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One 3-epoch run shared by the tests, keeping every epoch's checkpoint."""
+    bundle = tmp_path_factory.mktemp("run") / "bundle"
+    result = run_cli("--data", str(digits), "--output", str(bundle), "--keep-checkpoints", *TRAIN_ARGS)
+    assert result.returncode == 0, result.stderr
+    return bundle, result
+
+
+def sample_images(digits: Path, n: int = 12) -> list[tuple[Path, int]]:
+    return [(p, 0) for p in sorted(digits.glob("*/*.png")) if p.name != "zz_corrupt.png"][:n]
+
+
+@pytest.mark.slow
+def test_bundle_embeds_like_the_checkpoint_model(trained, digits: Path) -> None:
+    bundle_dir, _ = trained
+    bundle = load_bundle(bundle_dir)
+    checkpoint = torch.load(bundle_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    config = train.TrainConfig(**{**checkpoint["config"], "image_size": tuple(checkpoint["config"]["image_size"])})
+    model = train.build_embed(config)
+    model.load_state_dict(checkpoint["model"])
+    samples = sample_images(digits)
+    from_bundle, _ = evaluate.embed_samples(bundle.model, samples, bundle.preprocess)
+    from_checkpoint, _ = evaluate.embed_samples(model, samples, bundle.preprocess)
+    np.testing.assert_array_equal(from_bundle, from_checkpoint)
+    torch.testing.assert_close(bundle.centers, checkpoint["center_loss"]["centers"], rtol=0, atol=0)
+    assert checkpoint["epoch"] == EPOCHS and bundle.feat_dim == 2
+    assert len(bundle.class_names) == 7 and bundle.threshold is not None and bundle.threshold.target_far == 0.01
+    training = bundle.metadata["training"]
+    assert training["config"]["center_weight"] == 0.01 and training["split"]["holdout_identities"] == 3
+
+
+@pytest.mark.slow
+def test_metrics_log_and_plots(trained) -> None:
+    bundle_dir, result = trained
+    records = [json.loads(line) for line in (bundle_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
+    for record in records:
+        assert {"lr", "loss", "softmax_loss", "center_loss", "train_accuracy", "images_per_s",
+                "feature_norm", "center_norm"} <= set(record)  # fmt: skip
+        assert record["loss"] == pytest.approx(record["softmax_loss"] + 0.01 * record["center_loss"], rel=1e-6)
+    assert records[-1]["loss"] < records[0]["loss"]
+    for name in ("training_curves.png", "roc.png", "features_2d.png"):
+        assert (bundle_dir / "plots" / name).stat().st_size > 10_000
+    assert "TAR @ FAR=0.01" in result.stdout and "open-set rank-1" in result.stdout
+
+
+def check_evaluation(results: dict, classifier: bool) -> None:
+    assert set(results) >= EVAL_KEYS
+    closed = results["closed_set"]
+    assert 0 <= closed["nearest_center_accuracy"] <= 1
+    assert (closed["classifier_accuracy"] is not None) == classifier
+    ver = results["verification"]
+    assert set(ver) >= VERIFICATION_KEYS and ver["positive_pairs"] > 0 and ver["negative_pairs"] > 0
+    assert set(ver["tar_at_far"]) == {"0.1", "0.01", "0.001"}
+    assert 0 <= ver["auc"] <= 1 and 0 <= ver["ten_fold_accuracy"]["mean"] <= 1
+    open_set = results["open_set"]
+    assert 0 <= open_set["rank1"] <= 1 and 0 <= open_set["dir"]["dir"] <= 1
+    assert {"value", "far", "tar", "positive_pairs", "negative_pairs"} <= set(results["threshold"])
+
+
+@pytest.mark.slow
+def test_training_evaluation_and_standalone_evaluate(trained, digits: Path, tmp_path: Path, capsys) -> None:
+    bundle_dir, _ = trained
+    stored = load_bundle(bundle_dir).metadata["evaluation"]
+    check_evaluation(stored, classifier=True)
+    # held-out identities: 3 × 36 readable images
+    assert stored["verification"]["positive_pairs"] == 3 * (36 * 35 // 2)
+    assert stored["verification"]["negative_pairs"] == 3 * 36 * 36  # 3 identity pairs × 36²
+    assert stored["verification"]["tar_at_far"]["0.001"]["tar"] is not None  # 3888 negatives ≥ 1000
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--bundle", str(bundle_dir), "--data", str(digits), "--json", str(out)]) == 0
+    standalone = json.loads(out.read_text())
+    check_evaluation(standalone, classifier=False)
+    assert "softmax classifier not available" in standalone["closed_set"]["note"]
+    assert standalone["closed_set"]["images"] == 7 * 36 and standalone["verification"]["identities"] == 10
+    assert standalone["skipped_images"] == 10 and "bundle_threshold" in standalone
+    assert "ROC AUC" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_corrupt_files_are_skipped_and_counted(trained) -> None:
+    bundle_dir, result = trained
+    skipped = load_bundle(bundle_dir).metadata["training"]["skipped_images"]
+    assert skipped >= 1
+    assert f"skipped {skipped} unreadable training image(s)" in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(trained, digits: Path, tmp_path: Path) -> None:
+    bundle_dir, _ = trained
+    resumed = tmp_path / "resumed"
+    checkpoint = bundle_dir / "checkpoints" / "epoch_001.pt"
+    result = run_cli("--data", str(digits), "--output", str(resumed), "--resume", str(checkpoint), *TRAIN_ARGS)
+    assert result.returncode == 0, result.stderr
+    for name in ("model.safetensors", "centers.safetensors"):
+        expected, actual = load_file(bundle_dir / name), load_file(resumed / name)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=f"{name}:{key}")
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    original = [json.loads(line) for line in (bundle_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[0] == original[0]
+    assert [r["loss"] for r in records] == [r["loss"] for r in original]
+
+
+@pytest.mark.slow
+def test_resume_refuses_different_options(trained, digits: Path, tmp_path: Path, capsys) -> None:
+    bundle_dir, _ = trained
+    args = ["--data", str(digits), "--output", str(tmp_path / "x"),
+            "--resume", str(bundle_dir / "checkpoints" / "last.pt"), *TRAIN_ARGS, "--lr", "0.5"]  # fmt: skip
+    assert train.main(args) == 2
+    assert "--lr 0.05 (now 0.5)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    args = ["--standalone", "--nproc_per_node=2", "-m", "training", "--data", str(digits), "--output", str(out),
+            *TRAIN_ARGS, "--epochs", "2"]  # fmt: skip
+    result = run_cli(*args, module="torch.distributed.run", env_extra={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    bundle = load_bundle(out)
+    assert bundle.metadata["training"]["world_size"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # both ranks' images are counted: 2 ranks × ⌊(⌊N/2⌋)/32⌋ batches × 32
+    n_train = bundle.metadata["training"]["split"]["train_images"] - bundle.metadata["training"]["skipped_images"]
+    assert [r["epoch"] for r in records] == [1, 2] and records[0]["images"] == 2 * 32 * ((n_train // 2) // 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one bundle, no staging leftovers
+    assert result.stdout.count("open-set rank-1") == 1  # only rank 0 evaluates
+
+
+BAD_ARGS = [
+    (["--center-weight", "-1"], "--center-weight"),
+    (["--center-alpha", "0"], "--center-alpha"),
+    (["--center-alpha", "1.5"], "--center-alpha"),
+    (["--holdout-identities", "9"], "holding out 9 of 10 identities"),
+    (["--holdout-identities", "abc"], "--holdout-identities"),
+    (["--epochs", "0"], "--epochs"),
+    (["--device", "cuda:99"], "cuda:99"),
+    (["--device", "tpu"], "--device"),
+    (["--arch", "vgg"], "--arch"),
+    (["--batch-size", "1000"], "exceeds the"),
+    (["--resume", "/nonexistent/last.pt"], "not found"),
+    (["--target-far", "2"], "--target-far"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_cli_input_exits_2_with_one_line(extra: list[str], message: str, digits: Path, tmp_path: Path,
+                                             capsys) -> None:  # fmt: skip
+    args = ["--data", str(digits), "--output", str(tmp_path / "out"), *TRAIN_ARGS, *extra]
+    try:
+        code = train.main(args)
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out" / "bundle.json").exists()
+
+
+def test_bad_cli_input_subprocess_has_no_traceback(tmp_path: Path) -> None:
+    result = run_cli("--data", str(tmp_path / "missing"), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
