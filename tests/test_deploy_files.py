@@ -1,0 +1,150 @@
+"""The deployment files say what the deployment needs: Dockerfile, .dockerignore, docker-compose.yml.
+
+PyYAML is not a dependency, so the compose file is read with a small indentation reader that is enough for
+its block mappings (CI also validates it with the real compose v2 binary, see .ci/run). Where the compose
+file runs the project's own CLIs, their real argument parsers must accept the arguments it passes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from service import demo
+from training.train import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def children(block: str) -> dict[str, str]:
+    """The keys of a YAML block mapping at its outermost indentation → their inline value or nested block."""
+    lines = [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    indent = min(len(line) - len(line.lstrip()) for line in lines)
+    result: dict[str, str] = {}
+    key = None
+    for line in lines:
+        if len(line) - len(line.lstrip()) == indent and not line.lstrip().startswith("- "):
+            key, _, value = line.strip().partition(":")
+            result[key] = "" if value.strip().startswith("&") else value.strip()  # an anchor is no value
+        elif key is not None:
+            result[key] += "\n" + line
+    return result
+
+
+def path(block: str, *keys: str) -> str:
+    for key in keys:
+        block = children(block)[key]
+    return block
+
+
+def flow_list(value: str) -> list[str]:
+    """A flow sequence of double-quoted strings, possibly over several lines: ["a", "b"]."""
+    return json.loads(" ".join(line.strip() for line in value.splitlines()))
+
+
+@pytest.fixture(scope="module")
+def compose() -> str:
+    return (ROOT / "docker-compose.yml").read_text()
+
+
+@pytest.fixture(scope="module")
+def services(compose: str) -> dict[str, str]:
+    return children(children(compose)["services"])
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[str]:
+    """Instructions with continuation lines joined and comments dropped."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), "a '# syntax=' line pulls docker/dockerfile"
+    joined = re.sub(r"\\\n(\s*#.*\n)*", " ", text)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_reader_reads_nested_blocks() -> None:
+    text = "a:\n  b:\n    c: 1\n  # note\n  d: [x]\ne: 2\n"
+    assert children(text) == {"a": "\n  b:\n    c: 1\n  d: [x]", "e": "2"}
+    assert path(text, "a", "b", "c") == "1" and path(text, "a", "d") == "[x]"
+
+
+def test_services_and_volumes(compose: str, services: dict[str, str]) -> None:
+    assert {"init", "api", "train", "train-gpu"} <= set(services)
+    assert {"bundles", "gallery", "samples"} <= set(children(children(compose)["volumes"]))
+
+
+def test_api_waits_for_the_init_job(services: dict[str, str]) -> None:
+    assert path(services["api"], "depends_on", "init", "condition") == "service_completed_successfully"
+    assert path(services["init"], "restart") == '"no"'
+
+
+def test_api_health_ports_restart_and_volumes(services: dict[str, str]) -> None:
+    api = services["api"]
+    test = flow_list(path(api, "healthcheck", "test"))
+    assert test[:2] == ["CMD", "python"] and "http://127.0.0.1:8000/ready" in test[-1]
+    assert re.fullmatch(r'- "127\.0\.0\.1:\$\{CENTERID_PORT:-8000\}:8000"', path(api, "ports").strip())
+    assert path(api, "restart") == "unless-stopped"
+    mounts = {line.strip() for line in path(api, "volumes").splitlines() if line.strip()}
+    assert {"- bundles:/bundles:ro", "- gallery:/gallery"} <= mounts
+    assert path(api, "environment", "CENTERID_DATA_DIR") == "/gallery"
+    assert path(services["init"], "healthcheck", "disable") == "true"
+
+
+def test_init_runs_the_demo_bootstrap_into_what_api_serves(services: dict[str, str]) -> None:
+    command = flow_list(path(services["init"], "command"))
+    assert command[:4] == ["python", "-m", "service.demo", "--no-serve"]
+    args, training_args = demo.parse_args(command[3:])  # the CLI's own parser accepts them
+    assert args.no_serve and training_args == []
+    env = children(path(services["api"], "environment"))
+    assert str(args.bundle) == re.fullmatch(r"\$\{CENTERID_BUNDLE:-(.+)\}", env["CENTERID_BUNDLE"])[1]
+    assert str(args.gallery) == env["CENTERID_DATA_DIR"]
+    init_mounts = path(services["init"], "volumes")
+    for folder in (args.bundle.parent, args.gallery, args.samples):
+        assert re.search(rf"- \w+:{folder}$", init_mounts, re.M), f"{folder} is not on a volume"
+
+
+def test_training_profiles(services: dict[str, str], compose: str) -> None:
+    assert flow_list(path(services["train"], "profiles")) == ["train"]
+    assert flow_list(path(services["train-gpu"], "profiles")) == ["train-gpu"]
+    devices = path(services["train-gpu"], "deploy", "resources", "reservations", "devices")
+    assert "driver: nvidia" in devices and "capabilities: [gpu]" in devices
+    anchor = children(compose)["x-train"]
+    assert flow_list(path(anchor, "entrypoint")) == ["python", "-m", "training"]
+    assert re.search(r"- \$\{CENTERID_TRAIN_DATA:-\./data\}:/data:ro$", path(anchor, "volumes"), re.M)
+    config = parse_config(["--data", "/data/faces", "--output", "/bundles/faces"])  # the documented invocation
+    assert (config.data, config.output) == ("/data/faces", "/bundles/faces")
+
+
+def test_dockerfile_is_multistage_non_root_with_healthcheck(dockerfile: list[str]) -> None:
+    assert dockerfile[0] == "ARG BASE_IMAGE=python:3.11-slim"
+    stages = [line for line in dockerfile if line.startswith("FROM ")]
+    assert stages == ["FROM ${BASE_IMAGE} AS build", "FROM ${BASE_IMAGE} AS runtime"]
+    runtime = dockerfile[dockerfile.index(stages[1]) :]
+    users = [line.split()[1] for line in runtime if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    (health,) = [line for line in runtime if line.startswith("HEALTHCHECK ")]
+    assert "http://127.0.0.1:8000/ready" in health and "curl" not in health
+    (cmd,) = [line for line in runtime if line.startswith("CMD ")]
+    assert json.loads(cmd[4:]) == ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000"]
+
+
+def test_dockerfile_torch_is_pinned_cpu_by_default_from_local_wheels(dockerfile: list[str]) -> None:
+    assert "ARG TORCH_VERSION=2.13.0" in dockerfile
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert "ARG PIP_FIND_LINKS=/wheels" in dockerfile
+    (torch_run,) = [line for line in dockerfile if '"torch==${TORCH_VERSION}"' in line]
+    assert "--mount=type=bind,source=wheels,target=/wheels" in torch_run
+    assert (ROOT / "wheels" / "README").is_file()
+
+
+def test_dockerignore_keeps_state_and_caches_out() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv", ".cache", "data", "bundles", "gallery", "samples", "**/__pycache__"} <= ignored
+    assert "wheels" not in ignored and "training" not in ignored and "service" not in ignored
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert re.search(r"^make test$", (ROOT / ".ci/run").read_text(), re.M)
+    assert "make test" in (ROOT / "README.md").read_text()
