@@ -1,0 +1,239 @@
+"""service.gallery: the Python API the service and the demo bootstrap use, checked against brute-force numpy."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.gallery import DB_FILE, Gallery, GalleryError, IndexParams, build_index, is_exact, validate_label
+
+DIM = 16
+KINDS = ["flat", "hnsw", "ivf"]
+
+
+def clustered(count: int, seed: int, centers: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(centers, DIM))
+    owner = rng.integers(0, centers, count)
+    vectors = means[owner] + 0.3 * rng.normal(size=(count, DIM))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), owner
+
+
+def brute_force(vectors: np.ndarray, ids: list[int], query: np.ndarray, k: int) -> list[int]:
+    scores = vectors @ (query / np.linalg.norm(query))
+    return [ids[i] for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_search_delete_match_brute_force(tmp_path: Path, kind: str) -> None:
+    vectors, owner = clustered(300, seed=1)
+    with Gallery.open(tmp_path, DIM, "model-a", kind) as gallery:
+        ids: list[int] = []
+        for label in range(20):
+            rows = np.flatnonzero(owner == label)
+            if len(rows):
+                entries = gallery.add(f"id{label}", vectors[rows], [b"img"] * len(rows), {"group": label})
+                assert [e.label for e in entries] == [f"id{label}"] * len(rows)
+                assert all(e.metadata == {"group": label} for e in entries)
+                ids += [e.id for e in entries]
+        order = np.concatenate([np.flatnonzero(owner == label) for label in range(20)])
+        stored = vectors[order]
+        assert gallery.size == gallery.count() == gallery.index_count() == 300
+        queries, _ = clustered(10, seed=2)
+        for query in queries:
+            found = [m.entry_id for m in gallery.search(query, 5)[0]]
+            assert found[0] == brute_force(stored, ids, query, 1)[0]
+            if kind == "flat":
+                assert found == brute_force(stored, ids, query, 5)
+
+        deleted = set(ids[::3])
+        for entry_id in deleted:
+            assert gallery.delete_entry(entry_id)
+        assert not gallery.delete_entry(ids[0])  # already gone
+        keep = [i for i, entry_id in enumerate(ids) if entry_id not in deleted]
+        assert gallery.size == gallery.count() == gallery.index_count() == len(keep)
+        for query in queries:
+            found = [m.entry_id for m in gallery.search(query, 5)[0]]
+            assert not deleted & set(found)
+            assert found[0] == brute_force(stored[keep], [ids[i] for i in keep], query, 1)[0]
+
+
+def test_hnsw_tombstones_are_filtered_then_compacted(tmp_path: Path) -> None:
+    vectors, _ = clustered(200, seed=3)
+    params = IndexParams(tombstone_fraction=0.25)
+    with Gallery.open(tmp_path, DIM, "m", "hnsw", params=params) as gallery:
+        entries = gallery.add("a", vectors, [b"x"] * 200)
+        victims = [e.id for e in entries[:40]]  # 20 %: tombstones only
+        for entry_id in victims:
+            gallery.delete_entry(entry_id)
+        assert gallery._state.index.ntotal == 200 and len(gallery._state.tombstones) == 40
+        for query in vectors[:40]:  # each deleted vector's exact twin must not come back
+            assert all(m.entry_id not in victims for m in gallery.search(query, 10)[0])
+        for entry in entries[40:60]:  # the 51st tombstone (> 25 % of 200) triggers a rebuild without them
+            gallery.delete_entry(entry.id)
+        assert gallery._state.index.ntotal == 149 and len(gallery._state.tombstones) == 9
+        assert gallery.index_count() == gallery.count() == 140
+
+
+def test_ivf_starts_exact_and_switches_to_ivf_when_large_enough(tmp_path: Path) -> None:
+    params = IndexParams(ivf_min_lists=4, ivf_min_train_per_list=10)
+    vectors, _ = clustered(400, seed=4)
+    with Gallery.open(tmp_path, DIM, "m", "ivf", params=params) as gallery:
+        gallery.add("a", vectors[:20], [b"x"] * 20)
+        assert is_exact(gallery._state.index)
+        gallery.add("b", vectors[20:], [b"x"] * 380)
+        assert not is_exact(gallery._state.index)
+        assert gallery.index_count() == 400
+        assert gallery.delete_label("b") == 380
+        assert gallery.index_count() == gallery.count() == 20
+
+
+def test_search_labels_groups_entries_and_over_fetches(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    target = rng.normal(size=DIM)
+    with Gallery.open(tmp_path, DIM, "m", "flat") as gallery:
+        # "near" owns the 30 closest entries: finding 3 identities needs more than 4·k entries
+        gallery.add("near", target + 0.01 * rng.normal(size=(30, DIM)), [b"x"] * 30)
+        gallery.add("mid", target + 0.5 * rng.normal(size=(2, DIM)), [b"x"] * 2)
+        gallery.add("far", -target + 0.1 * rng.normal(size=(2, DIM)), [b"x"] * 2)
+        result = gallery.search_labels(target, 3)[0]
+        assert [m.label for m in result] == ["near", "mid", "far"]
+        assert result[0].similarity > result[1].similarity > result[2].similarity
+        near_best = max(gallery.search(target, 30)[0], key=lambda m: m.similarity)
+        assert result[0].entry_id == near_best.entry_id
+        assert len(gallery.search_labels(target, 10)[0]) == 3
+
+
+def test_reopen_rebuilds_from_sqlite_and_ids_are_never_reused(tmp_path: Path) -> None:
+    vectors, _ = clustered(10, seed=6)
+    with Gallery.open(tmp_path, DIM, "m", "flat") as gallery:
+        first = gallery.add("a", vectors[:5], [b"a%d" % i for i in range(5)])
+        gallery.delete_entry(first[-1].id)
+    with Gallery.open(tmp_path, DIM, "m", "hnsw") as gallery:  # the index kind may change between runs
+        assert gallery.size == 4
+        assert [e.id for e in gallery.entries("a")] == [e.id for e in first[:4]]
+        assert gallery.image(first[1].id) == b"a1"
+        assert gallery.search(vectors[2], 1)[0][0].entry_id == first[2].id
+        later = gallery.add("b", vectors[5:6], [b"b"])
+        assert later[0].id > first[-1].id
+
+
+def test_reembed_replaces_every_vector_before_searching(tmp_path: Path) -> None:
+    vectors, _ = clustered(12, seed=7)
+    with Gallery.open(tmp_path, DIM, "old", "flat") as gallery:
+        entries = gallery.add("a", vectors, [bytes([i]) for i in range(12)])
+    new_dim = 4
+    new_vectors = np.random.default_rng(8).normal(size=(256, new_dim)).astype(np.float32)
+
+    def embed(blobs: list[bytes]) -> np.ndarray:
+        return new_vectors[[blob[0] for blob in blobs]]
+
+    with Gallery.open(tmp_path, new_dim, "new", "flat") as gallery:
+        assert gallery.pending_reembed == 12 and gallery.stored_fingerprint == "old"
+        with pytest.raises(GalleryError, match="another model"):
+            gallery.search(np.ones(new_dim), 1)
+        with pytest.raises(GalleryError, match="another model"):
+            gallery.add("b", np.ones((1, new_dim)), [b"x"])
+        progress: list[tuple[int, int]] = []
+        assert gallery.reembed(embed, batch_size=5, progress=lambda d, t: progress.append((d, t))) == 12
+        assert progress == [(5, 12), (10, 12), (12, 12)]
+        assert gallery.pending_reembed == 0 and gallery.stored_fingerprint == "new"
+        expected = new_vectors[:12] / np.linalg.norm(new_vectors[:12], axis=1, keepdims=True)
+        np.testing.assert_allclose(gallery.embeddings("a"), expected, rtol=1e-6)
+        assert gallery.search(new_vectors[7], 1)[0][0].entry_id == entries[7].id
+
+
+def test_labels_pagination_entries_and_deletes(tmp_path: Path) -> None:
+    with Gallery.open(tmp_path, DIM, "m") as gallery:
+        for i, label in enumerate(["carol", "alice", "bob", "dave"]):
+            gallery.add(label, np.ones((i + 1, DIM)), [b"x"] * (i + 1), [{"n": n} for n in range(i + 1)])
+        assert gallery.labels(0, 2).labels == [("alice", 2), ("bob", 3)]
+        assert gallery.labels(2, 10).labels == [("carol", 1), ("dave", 4)]
+        assert gallery.labels(0, 2).total == 4
+        assert [e.metadata for e in gallery.entries("dave")] == [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}]
+        assert gallery.entries("nobody") == []
+        assert gallery.delete_label("dave") == 4 and gallery.delete_label("dave") == 0
+        assert gallery.size == 6 and gallery.label_count() == 3
+
+
+@pytest.mark.parametrize("label", ["", " padded", "a/b", "tab\there", "x" * 201])
+def test_bad_labels_are_refused(label: str) -> None:
+    with pytest.raises(GalleryError):
+        validate_label(label)
+
+
+def test_bad_inputs_are_refused(tmp_path: Path) -> None:
+    with Gallery.open(tmp_path, DIM, "m") as gallery:
+        with pytest.raises(GalleryError, match="dimension"):
+            gallery.add("a", np.ones((1, DIM + 1)), [b"x"])
+        with pytest.raises(GalleryError, match="embeddings for"):
+            gallery.add("a", np.ones((2, DIM)), [b"x"])
+        with pytest.raises(GalleryError, match="NaN"):
+            gallery.add("a", np.full((1, DIM), np.nan), [b"x"])
+        with pytest.raises(GalleryError, match="JSON"):
+            gallery.add("a", np.ones((1, DIM)), [b"x"], {"bad": {1, 2}})
+        with pytest.raises(GalleryError, match="k must be"):
+            gallery.search(np.ones(DIM), 0)
+        assert gallery.count() == 0
+    with pytest.raises(GalleryError, match="index kind"):
+        Gallery.open(tmp_path, DIM, "m", "lsh")
+
+
+def test_concurrent_writers_and_searchers_stay_consistent(tmp_path: Path) -> None:
+    vectors, _ = clustered(400, seed=9)
+    errors: list[BaseException] = []
+    with Gallery.open(tmp_path, DIM, "m", "hnsw") as gallery:
+        kept: list[int] = []
+
+        def writer(worker: int) -> None:
+            try:
+                for i in range(25):
+                    rows = vectors[worker * 100 + 4 * i : worker * 100 + 4 * i + 4]
+                    entries = gallery.add(f"w{worker}", rows, [b"x"] * 4)
+                    gallery.delete_entry(entries[0].id)
+                    kept.extend(e.id for e in entries[1:])
+            except BaseException as error:
+                errors.append(error)
+
+        def searcher() -> None:
+            try:
+                for query in vectors[:150]:
+                    for match in gallery.search(query, 5)[0]:
+                        assert match.label.startswith("w")
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+        threads += [threading.Thread(target=searcher) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        assert gallery.size == gallery.count() == gallery.index_count() == len(kept) == 300
+        assert sorted(gallery._state.label_of) == sorted(kept)
+
+
+def test_database_is_durable_wal_and_whole(tmp_path: Path) -> None:
+    with Gallery.open(tmp_path, DIM, "m") as gallery:
+        gallery.add("a", np.ones((3, DIM)), [b"1", b"2", b"3"])
+    db = sqlite3.connect(tmp_path / DB_FILE)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rows = db.execute("SELECT e.id, length(e.embedding), i.data FROM entries e JOIN images i ON i.entry_id = e.id")
+    assert [(r[1], r[2]) for r in rows] == [(DIM * 4, b"1"), (DIM * 4, b"2"), (DIM * 4, b"3")]
+
+
+def test_build_index_kinds_agree_on_nearest_neighbour() -> None:
+    vectors, _ = clustered(2000, seed=10)
+    ids = np.arange(100, 2100)
+    queries, _ = clustered(50, seed=11)
+    exact = build_index("flat", DIM, vectors, ids).search(queries, 1)[1][:, 0]
+    for kind in ("hnsw", "ivf"):
+        index = build_index(kind, DIM, vectors, ids)
+        assert not is_exact(index)
+        approx = index.search(queries, 1)[1][:, 0]
+        assert (approx == exact).mean() >= 0.95, kind
