@@ -1,0 +1,222 @@
+"""The one inference worker: a dedicated thread that batches concurrent requests into forward passes.
+
+Requests put preprocessed tensors on a queue and await their own rows. The worker takes the first job,
+waits at most ``max_wait_ms`` for more (never more than ``max_batch`` rows), runs one forward pass and
+hands each job its slice back on the caller's event loop (``call_soon_threadsafe``). The model is only ever
+touched by this thread, so inference never blocks the event loop and torch's thread pool is never shared
+by two forward passes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from service.errors import NotReady
+from service.images import decode_image
+from training.bundle import Bundle
+
+logger = logging.getLogger("centerid.service")
+
+BatchHook = Callable[[int, float], None]
+
+
+@dataclass
+class _Job:
+    batch: torch.Tensor
+    future: asyncio.Future[np.ndarray] | concurrent.futures.Future[np.ndarray]
+    loop: asyncio.AbstractEventLoop | None
+
+    def settle(self, result: np.ndarray | None, error: BaseException | None) -> None:
+        if self.loop is None:
+            assert isinstance(self.future, concurrent.futures.Future)
+            if error is None:
+                self.future.set_result(result)  # type: ignore[arg-type]
+            else:
+                self.future.set_exception(error)
+            return
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is waiting any more
+            self.loop.call_soon_threadsafe(_settle_async, self.future, result, error)
+
+
+def _settle_async(future: Any, result: np.ndarray | None, error: BaseException | None) -> None:
+    if future.done():  # the request was cancelled (client went away)
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+_STOP = object()
+
+
+class Embedder:
+    """Batched, L2-normalised float32 embeddings from a bundle's model, computed on one worker thread."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        threads: int | None = None,
+        on_batch: BatchHook | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.bundle = bundle
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.threads = threads
+        self.on_batch = on_batch
+        self.forward_passes = 0
+        self.batch_sizes: Counter[int] = Counter()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._queued_rows = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> Embedder:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="centerid-inference", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in flight, fail whatever is still queued, and join the worker."""
+        self._stopped = True
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(job, _Job):
+                job.settle(None, NotReady("the service is shutting down"))
+
+    def __enter__(self) -> Embedder:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def queue_depth(self) -> int:
+        """Images waiting for a forward pass."""
+        return self._queued_rows
+
+    # -- submission --------------------------------------------------------------------------------------
+    async def embed(self, batch: torch.Tensor) -> np.ndarray:
+        """Embed a preprocessed N×C×H×W batch; awaits this request's N rows."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._submit(_Job(batch, future, loop))
+        return await future
+
+    def embed_sync(self, batch: torch.Tensor) -> np.ndarray:
+        """Blocking variant for code outside an event loop (re-embedding, scripts)."""
+        future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
+        self._submit(_Job(batch, future, None))
+        return future.result()
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Decoded Pillow images → embeddings, preprocessed by the bundle's own Preprocessor."""
+        return self.embed_sync(self.bundle.preprocess.batch(images))
+
+    def embed_bytes(self, blobs: Sequence[bytes], max_bytes: int = 1 << 40, max_pixels: int = 1 << 40) -> np.ndarray:
+        """Encoded image files → embeddings (what the gallery's re-embedding and bootstrap scripts need)."""
+        images = [decode_image(blob, f"image[{i}]", max_bytes, max_pixels) for i, blob in enumerate(blobs)]
+        return self.embed_images(images)
+
+    def warmup(self) -> None:
+        """Run the first (slow, allocating) forward passes before traffic arrives."""
+        spec = self.bundle.preprocess.spec
+        for size in sorted({1, self.max_batch}):
+            self.embed_sync(torch.zeros(size, spec.channels, spec.height, spec.width))
+
+    def _submit(self, job: _Job) -> None:
+        if self._stopped or self._thread is None:
+            raise NotReady("the inference worker is not running")
+        if job.batch.ndim != 4 or job.batch.shape[0] == 0:
+            raise ValueError(f"expected a non-empty N×C×H×W batch, got shape {tuple(job.batch.shape)}")
+        with self._lock:
+            self._queued_rows += job.batch.shape[0]
+        self._queue.put(job)
+
+    # -- worker ------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        held: Any = None
+        while True:
+            first = held if held is not None else self._queue.get()
+            held = None
+            if first is _STOP:
+                return
+            jobs, held = self._gather(first)
+            self._process(jobs)
+
+    def _gather(self, first: _Job) -> tuple[list[_Job], Any]:
+        """Add queued jobs to ``first`` until max_batch rows or max_wait; returns (jobs, job held back)."""
+        jobs, rows = [first], first.batch.shape[0]
+        deadline = time.monotonic() + self.max_wait
+        while rows < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP or rows + job.batch.shape[0] > self.max_batch:
+                return jobs, job
+            jobs.append(job)
+            rows += job.batch.shape[0]
+        return jobs, None
+
+    def _process(self, jobs: list[_Job]) -> None:
+        rows = sum(job.batch.shape[0] for job in jobs)
+        with self._lock:
+            self._queued_rows -= rows
+        try:
+            embeddings = self._forward(torch.cat([job.batch for job in jobs]))
+        except Exception as error:
+            logger.exception("forward pass failed for %d images", rows)
+            for job in jobs:
+                job.settle(None, error)
+            return
+        offset = 0
+        for job in jobs:
+            count = job.batch.shape[0]
+            job.settle(embeddings[offset : offset + count], None)
+            offset += count
+
+    @torch.inference_mode()
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        outputs = []
+        for chunk in batch.split(self.max_batch):  # one oversized request still respects max_batch
+            started = time.perf_counter()
+            features = self.bundle.model(chunk.to(self.bundle.centers.device))
+            outputs.append(F.normalize(features.float(), dim=1).cpu().numpy())
+            self.forward_passes += 1
+            self.batch_sizes[chunk.shape[0]] += 1
+            if self.on_batch is not None:
+                self.on_batch(chunk.shape[0], time.perf_counter() - started)
+        return np.ascontiguousarray(np.concatenate(outputs), dtype=np.float32)

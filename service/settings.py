@@ -1,0 +1,91 @@
+"""Service configuration: one pydantic-settings class read from ``CENTERID_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1 << 20
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (cgroup/affinity aware where the OS says so)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _split_keys(value: object) -> str:
+    """Keys arrive comma-separated; keep them as one normalised string (see ``Settings.keys``)."""
+    if isinstance(value, list | tuple | set | frozenset):
+        value = ",".join(str(v) for v in value)
+    return ",".join(part.strip() for part in str(value or "").split(",") if part.strip())
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment; see docs/service.md for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="CENTERID_", extra="ignore")
+
+    bundle: Path | None = Field(None, description="bundle folder written by the training job")
+    data_dir: Path = Field(Path("data/gallery"), description="gallery folder (SQLite database)")
+    api_keys: str = Field("", description="comma-separated API keys; empty = no authentication")
+    admin_keys: str = Field("", description="comma-separated keys required for gallery writes; empty = any API key")
+    metrics_public: bool = Field(True, description="serve /metrics without a key")
+
+    max_file_bytes: int = Field(10 * MB, gt=0, description="largest accepted upload, per file")
+    max_pixels: int = Field(40_000_000, gt=0, description="largest accepted image, width × height")
+    max_files: int = Field(64, gt=0, description="most files in one request")
+    max_body_bytes: int = Field(100 * MB, gt=0, description="largest request body")
+
+    max_batch: int = Field(32, ge=1, description="most images per forward pass (1 disables batching)")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long the first queued request waits for company")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all available cores")
+    faiss_threads: int = Field(0, ge=0, description="FAISS OpenMP threads; 0 = half the cores (at least 1)")
+
+    index_kind: Literal["flat", "hnsw", "ivf"] = Field("flat", description="gallery search index")
+    threshold: float | None = Field(
+        None, ge=-1, le=1, description="cosine threshold overriding the bundle's calibrated one"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _normalise_keys(cls, value: object) -> str:
+        return _split_keys(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @staticmethod
+    def keys(value: str) -> tuple[str, ...]:
+        return tuple(part for part in value.split(",") if part)
+
+    @property
+    def api_key_list(self) -> tuple[str, ...]:
+        return self.keys(self.api_keys)
+
+    @property
+    def admin_key_list(self) -> tuple[str, ...]:
+        return self.keys(self.admin_keys)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key_list or self.admin_key_list)
+
+    @property
+    def torch_thread_count(self) -> int:
+        return self.torch_threads or available_cores()
+
+    @property
+    def faiss_thread_count(self) -> int:
+        return self.faiss_threads or max(1, available_cores() // 2)

@@ -1,0 +1,137 @@
+"""The inference worker: concurrent requests share forward passes without changing any embedding; torch and
+FAISS (two OpenMP runtimes) coexist in one process whatever the import order."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, orl_bytes, orl_image, service_client
+
+from service.embedder import Embedder
+from service.errors import NotReady
+from training.bundle import load_bundle
+
+
+@pytest.fixture(scope="module")
+def faces(bundle_dir: Path) -> torch.Tensor:
+    bundle = load_bundle(bundle_dir)
+    return bundle.preprocess.batch([orl_image(i, j) for i in range(31, 35) for j in range(1, 7)])  # 24 faces
+
+
+def one_by_one(bundle_dir: Path, faces: torch.Tensor) -> np.ndarray:
+    with Embedder(load_bundle(bundle_dir), max_batch=1, max_wait_ms=0, threads=1) as embedder:
+        rows = [embedder.embed_sync(faces[i : i + 1]) for i in range(len(faces))]
+        assert embedder.forward_passes == len(faces) and embedder.batch_sizes == {1: len(faces)}
+    return np.concatenate(rows)
+
+
+def test_concurrent_requests_share_forward_passes(bundle_dir: Path, faces: torch.Tensor) -> None:
+    reference = one_by_one(bundle_dir, faces)
+
+    async def burst(embedder: Embedder) -> list[np.ndarray]:
+        return await asyncio.gather(*(embedder.embed(faces[i : i + 1]) for i in range(len(faces))))
+
+    with Embedder(load_bundle(bundle_dir), max_batch=8, max_wait_ms=50, threads=1) as embedder:
+        rows = asyncio.run(burst(embedder))
+        assert embedder.forward_passes < len(faces)
+        assert max(embedder.batch_sizes) <= 8
+        assert sum(size * n for size, n in embedder.batch_sizes.items()) == len(faces)
+    np.testing.assert_allclose(np.concatenate(rows), reference, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(reference, axis=1), 1.0, atol=1e-6)
+    assert reference.dtype == np.float32
+
+
+def test_multi_image_jobs_are_never_split_and_big_ones_are_chunked(bundle_dir: Path, faces: torch.Tensor) -> None:
+    reference = one_by_one(bundle_dir, faces)
+
+    async def mixed(embedder: Embedder) -> list[np.ndarray]:
+        return await asyncio.gather(embedder.embed(faces[:3]), embedder.embed(faces[3:20]), embedder.embed(faces[20:]))
+
+    with Embedder(load_bundle(bundle_dir), max_batch=8, max_wait_ms=20, threads=1) as embedder:
+        first, big, last = asyncio.run(mixed(embedder))
+        assert max(embedder.batch_sizes) <= 8
+    np.testing.assert_allclose(np.concatenate([first, big, last]), reference, atol=1e-5)
+
+
+def test_concurrent_http_requests_batch(bundle_dir: Path, tmp_path: Path) -> None:
+    images = [(i, j) for i in range(31, 35) for j in range(1, 5)]
+    with service_client(bundle_dir, tmp_path, max_batch=16, max_wait_ms=100) as client:
+        sequential = [client.post("/embed", files={"files": orl_bytes(*image)}).json() for image in images]
+        embedder = client.app.state.service.embedder
+        before = embedder.forward_passes
+
+        def post(image: tuple[int, int]) -> dict:
+            return client.post("/embed", files={"files": orl_bytes(*image)}).json()
+
+        with ThreadPoolExecutor(len(images)) as pool:
+            concurrent = list(pool.map(post, images))
+        assert embedder.forward_passes - before < len(images)
+    for alone, together in zip(sequential, concurrent, strict=True):
+        np.testing.assert_allclose(alone["embeddings"], together["embeddings"], atol=1e-5)
+
+
+def test_stopped_worker_refuses_work(bundle_dir: Path, faces: torch.Tensor) -> None:
+    embedder = Embedder(load_bundle(bundle_dir), max_batch=4).start()
+    embedder.stop()
+    with pytest.raises(NotReady):
+        embedder.embed_sync(faces[:1])
+
+
+def test_forward_errors_reach_the_caller(bundle_dir: Path) -> None:
+    with Embedder(load_bundle(bundle_dir), max_batch=4) as embedder:
+        with pytest.raises(RuntimeError):
+            embedder.embed_sync(torch.zeros(1, 3, 5, 5))  # wrong channels and size for the model
+        with pytest.raises(ValueError, match="N×C×H×W"):
+            embedder.embed_sync(torch.zeros(3, 28, 24))
+        assert embedder.embed_bytes([orl_bytes(1, 1)]).shape == (1, embedder.bundle.feat_dim)  # still alive
+
+
+PROBE = """
+import threading
+{imports}
+import numpy as np
+torch.set_num_threads(2)
+faiss.omp_set_num_threads(2)
+index = faiss.IndexFlatIP(64)
+index.add(np.random.default_rng(0).random((20000, 64), dtype=np.float32))
+model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3))
+errors = []
+def forward():
+    try:
+        for _ in range(20):
+            with torch.inference_mode():
+                model(torch.rand(16, 1, 56, 48))
+    except BaseException as error:
+        errors.append(error)
+def search():
+    try:
+        faiss.omp_set_num_threads(2)
+        for _ in range(20):
+            index.search(np.random.default_rng(1).random((64, 64), dtype=np.float32), 5)
+    except BaseException as error:
+        errors.append(error)
+threads = [threading.Thread(target=f) for f in (forward, search, forward, search)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+print("ok", torch.get_num_threads(), faiss.omp_get_max_threads())
+"""
+
+
+@pytest.mark.parametrize("imports", ["import faiss\nimport torch", "import torch\nimport faiss"])
+def test_torch_and_faiss_together_neither_crash_nor_deadlock(imports: str) -> None:
+    code = textwrap.dedent(PROBE.format(imports=imports))
+    env = {"PATH": "/usr/bin:/bin"}  # no KMP_DUPLICATE_LIB_OK or OMP_* help from the environment
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ok", "2", "2"]
