@@ -1,0 +1,258 @@
+"""The FastAPI application: ``create_app(settings)``, and ``app`` for ``uvicorn service.app:app``.
+
+Startup (lifespan): load the bundle through ``training.bundle`` on CPU, start and warm the inference
+worker, open the gallery. Those steps fail fast: a missing or invalid bundle (or an unusable data folder)
+logs one line and makes uvicorn exit non-zero. Re-embedding a gallery written by another model can take a
+while, so it runs in the background after startup; ``/ready`` answers 503 until it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.embedder import Embedder
+from service.errors import envelope, install_error_handlers
+from service.gallery import Gallery, GalleryError
+from service.images import configure_pillow
+from service.metrics import Metrics, MetricsMiddleware
+from service.routes import ROUTERS
+from service.routes.common import ServiceState
+from service.routes.system import service_version
+from service.settings import Settings
+from training.bundle import BundleError, load_bundle
+
+logger = logging.getLogger("centerid.service")
+
+DESCRIPTION = """Face embeddings (center loss) with verification and identification against a durable gallery.
+
+Uploads are `multipart/form-data`; every error is `{"error": {"code", "message"}}`. When API keys are
+configured, send `Authorization: Bearer <key>` or `X-API-Key: <key>` (not needed for /health and /ready).
+"""
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says why in one line."""
+
+
+# -- startup -----------------------------------------------------------------------------------------------
+def load_components(state: ServiceState) -> None:
+    """Bundle → warm inference worker → gallery (blocking; runs in a worker thread)."""
+    settings = state.settings
+    if settings.bundle is None:
+        raise StartupError("CENTERID_BUNDLE is not set: point it at a bundle folder written by the training job")
+    try:
+        bundle = load_bundle(settings.bundle, device="cpu")
+    except BundleError as error:
+        raise StartupError(f"cannot load the bundle: {error}") from None
+    torch.set_num_threads(settings.torch_thread_count)
+    state.bundle = bundle
+    state.centers = F.normalize(bundle.centers.float(), dim=1).cpu().numpy().astype(np.float32)
+    state.embedder = Embedder(
+        bundle, settings.max_batch, settings.max_wait_ms, settings.torch_thread_count, state.metrics.observe_batch
+    ).start()
+    state.status = "warming up the model"
+    state.embedder.warmup()
+    state.status = "opening the gallery"
+    try:
+        state.gallery = Gallery.open(
+            settings.data_dir,
+            bundle.feat_dim,
+            bundle.fingerprint,
+            settings.index_kind,
+            threads=settings.faiss_thread_count,
+        )
+    except GalleryError as error:
+        raise StartupError(f"cannot open the gallery: {error}") from None
+    state.metrics.bind(lambda: state.embedder.queue_depth if state.embedder else 0, lambda: state.gallery.size)
+    logger.info(
+        "loaded %s (%s classes, dim %d, threshold %s); gallery %s: %d entries",
+        bundle.name,
+        len(bundle.class_names),
+        bundle.feat_dim,
+        f"{bundle.threshold.value:.4f}" if bundle.threshold else "none",
+        settings.data_dir,
+        state.gallery.count(),
+    )
+
+
+def reembed_gallery(state: ServiceState) -> None:
+    """Bring a gallery written by another model up to date before the service reports ready."""
+    gallery, embedder = state.gallery, state.embedder
+    assert gallery is not None and embedder is not None
+    pending = gallery.pending_reembed
+    if not pending:
+        return
+    logger.info("gallery was embedded by model %s: re-embedding %d entries", gallery.stored_fingerprint[:12], pending)
+    state.status = f"re-embedding {pending} gallery entries"
+
+    def progress(done: int, total: int) -> None:
+        state.status = f"re-embedding gallery entries ({done}/{total})"
+        logger.info("re-embedded %d/%d gallery entries", done, total)
+
+    gallery.reembed(embedder.embed_bytes, batch_size=max(state.settings.max_batch, 1), progress=progress)
+
+
+async def finish_startup(state: ServiceState) -> None:
+    try:
+        await run_in_threadpool(reembed_gallery, state)
+    except Exception as error:  # the process stays up (and not ready) so that /ready can say why
+        state.status = f"re-embedding the gallery failed: {error}"
+        logger.error("re-embedding the gallery failed: %s", error)
+        return
+    state.ready = True
+    state.status = "ready"
+    state.metrics.ready.set(1)
+    logger.info("ready")
+
+
+def shutdown(state: ServiceState) -> None:
+    state.ready = False
+    state.status = "shutting down"
+    state.metrics.ready.set(0)
+    if state.embedder is not None:
+        state.embedder.stop()
+    if state.gallery is not None:
+        state.gallery.close()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServiceState = app.state.service
+    try:
+        await run_in_threadpool(load_components, state)
+    except StartupError as error:
+        logger.error("centerid cannot start: %s", error)
+        app.state.startup_error = error
+        await run_in_threadpool(shutdown, state)
+        raise
+    task = asyncio.create_task(finish_startup(state))
+    try:
+        yield
+    finally:
+        state.ready = False
+        if state.embedder is not None:
+            state.embedder.stop()  # unblocks a re-embedding still running, which then gives up
+        with contextlib.suppress(Exception):
+            await task
+        await run_in_threadpool(shutdown, state)
+
+
+# -- ASGI middlewares --------------------------------------------------------------------------------------
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` without reading them whole: Content-Length is checked up
+    front, and the streamed bytes are counted for chunked uploads (or lying headers)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:  # whatever the app makes of the aborted body, the answer is 413
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps(envelope("too_large", f"request body exceeds the limit of {self.max_bytes} bytes")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": [*headers, (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class QuietStartupFailure:
+    """Uvicorn logs the traceback Starlette attaches to a failed lifespan startup; a StartupError has
+    already been logged as one line, so its message is blanked and the process just exits non-zero."""
+
+    def __init__(self, app: ASGIApp, owner: FastAPI) -> None:
+        self.app = app
+        self.owner = owner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def quiet_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and getattr(self.owner.state, "startup_error", None):
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, quiet_send)
+
+
+# -- the app -----------------------------------------------------------------------------------------------
+def configure_logging(level: str) -> None:
+    """Our loggers print even when uvicorn configured only its own."""
+    root = logging.getLogger("centerid")
+    root.setLevel(level.upper())
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    configure_pillow(settings.max_pixels)
+    app = FastAPI(title="centerid", version=service_version(), description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = ServiceState(settings=settings, metrics=Metrics())
+    app.state.startup_error = None
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.service.metrics)
+    app.add_middleware(QuietStartupFailure, owner=app)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,54 @@
+"""POST /identify: who is this? Against the enrolled gallery, or the training identities' centers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.routes.common import ServiceState, read_uploads, ready_state, require_key, resolve_threshold
+from service.schemas import IdentifyMatch, IdentifyResponse, errors
+
+router = APIRouter(tags=["recognition"], dependencies=[Depends(require_key)])
+
+MAX_K = 100
+
+
+@router.post("/identify", response_model=IdentifyResponse, responses=errors(400, 413, 415, 422))
+async def identify(
+    state: Annotated[ServiceState, Depends(ready_state)],
+    image: Annotated[UploadFile, File(description="the face to identify")],
+    k: Annotated[int, Form(ge=1, le=MAX_K, description="how many identities to return")] = 5,
+    mode: Annotated[
+        Literal["gallery", "centers"],
+        Form(description="gallery: enrolled identities (FAISS); centers: the training identities' learned centers"),
+    ] = "gallery",
+    threshold: Annotated[float | None, Form(ge=-1, le=1, description="overrides the calibrated threshold")] = None,
+) -> IdentifyResponse:
+    """Rank identities by cosine similarity; ``identity`` is the best one if it reaches the threshold, else null."""
+    limit = resolve_threshold(state, threshold)
+    uploads = await read_uploads([image], ["image"], state)
+    vector = (await state.embedder.embed(uploads.batch))[0]  # type: ignore[union-attr]
+    if mode == "centers":
+        matches = _rank_centers(state, vector, k)
+    else:
+        found = await run_in_threadpool(state.gallery.search_labels, vector, k)  # type: ignore[union-attr]
+        matches = [IdentifyMatch(label=m.label, similarity=m.similarity, entry_id=m.entry_id) for m in found[0]]
+    best = matches[0] if matches else None
+    return IdentifyResponse(
+        identity=best.label if best is not None and best.similarity >= limit else None,
+        matches=matches,
+        threshold=limit,
+        mode=mode,
+        model=state.model_name,
+    )
+
+
+def _rank_centers(state: ServiceState, vector: np.ndarray, k: int) -> list[IdentifyMatch]:
+    """Closed-set identification: cosine to each training identity's (normalised) center."""
+    assert state.centers is not None and state.bundle is not None
+    scores = state.centers @ vector
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [IdentifyMatch(label=state.bundle.class_names[i], similarity=float(scores[i])) for i in top]

@@ -1,0 +1,101 @@
+"""Operational routes: liveness, readiness, model/gallery information and Prometheus metrics."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import NotReady
+from service.metrics import CONTENT_TYPE
+from service.routes.common import ServiceState, get_settings, get_state, presented_key, ready_state, require_key
+from service.schemas import GalleryInfo, Health, Info, ModelInfo, ThresholdInfo, errors
+from service.settings import Settings
+
+router = APIRouter(tags=["system"])
+
+
+def service_version() -> str:
+    try:
+        return version("centerid")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+@router.get("/health", response_model=Health)
+async def health() -> Health:
+    """Liveness: the process answers (no key needed)."""
+    return Health(status="ok")
+
+
+@router.get("/ready", response_model=Health, responses=errors())
+async def ready(state: Annotated[ServiceState, Depends(get_state)]) -> Health:
+    """Readiness: 200 once the model is loaded and warm and the gallery indexed, 503 before (no key needed)."""
+    if not state.ready:
+        raise NotReady(f"the service is not ready: {state.status}")
+    return Health(status="ready")
+
+
+@router.get("/info", response_model=Info, dependencies=[Depends(require_key)], responses=errors())
+async def info(state: Annotated[ServiceState, Depends(ready_state)]) -> Info:
+    """The bundle (architecture, input, feature size, classes), the threshold in use and the gallery size."""
+    bundle, gallery = state.bundle, state.gallery
+    assert bundle is not None and gallery is not None
+    meta = bundle.metadata
+    return Info(
+        model=ModelInfo(
+            name=bundle.name,
+            arch=meta["arch"]["name"],
+            arch_kwargs=meta["arch"]["kwargs"],
+            fingerprint=bundle.fingerprint,
+            input=bundle.preprocess.spec.to_dict(),
+            feat_dim=bundle.feat_dim,
+            classes=len(bundle.class_names),
+            created_at=meta.get("created_at"),
+        ),
+        threshold=_threshold_info(state),
+        gallery=GalleryInfo(
+            size=gallery.size,
+            identities=await run_in_threadpool(gallery.label_count),
+            index=gallery.index_kind,
+            fingerprint=await run_in_threadpool(lambda: gallery.stored_fingerprint),
+        ),
+        max_batch=state.settings.max_batch,
+        version=service_version(),
+    )
+
+
+def _threshold_info(state: ServiceState) -> ThresholdInfo:
+    calibrated = state.bundle.threshold if state.bundle else None
+    if state.settings.threshold is not None:
+        return ThresholdInfo(value=state.settings.threshold, source="settings")
+    if calibrated is None:
+        return ThresholdInfo(value=None, source="none")
+    return ThresholdInfo(
+        value=calibrated.value,
+        source="bundle",
+        target_far=calibrated.target_far,
+        far=calibrated.far,
+        tar=calibrated.tar,
+    )
+
+
+def metrics_guard(
+    settings: Annotated[Settings, Depends(get_settings)], key: Annotated[str | None, Depends(presented_key)]
+) -> None:
+    """/metrics needs a key only when CENTERID_METRICS_PUBLIC is false."""
+    if not settings.metrics_public:
+        require_key(settings, key)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[Depends(metrics_guard)],
+    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+)
+async def metrics(state: Annotated[ServiceState, Depends(get_state)]) -> Response:
+    """Prometheus text exposition (public unless CENTERID_METRICS_PUBLIC=false)."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)

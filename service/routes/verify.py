@@ -1,0 +1,53 @@
+"""POST /verify: are two faces the same identity, or is a face the enrolled identity ``label``?"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import InvalidParameter, NotFound
+from service.routes.common import ServiceState, read_uploads, ready_state, require_key, resolve_threshold
+from service.schemas import VerifyResponse, errors
+
+router = APIRouter(tags=["recognition"], dependencies=[Depends(require_key)])
+
+PAIR_OR_LABEL = "give either image_a and image_b, or image and label"
+
+
+@router.post("/verify", response_model=VerifyResponse, responses=errors(400, 404, 413, 415, 422))
+async def verify(
+    state: Annotated[ServiceState, Depends(ready_state)],
+    image_a: Annotated[UploadFile | None, File(description="first image of a pair")] = None,
+    image_b: Annotated[UploadFile | None, File(description="second image of a pair")] = None,
+    image: Annotated[UploadFile | None, File(description="image to check against an enrolled label")] = None,
+    label: Annotated[str | None, Form(description="enrolled identity to verify against (with image)")] = None,
+    threshold: Annotated[float | None, Form(ge=-1, le=1, description="overrides the calibrated threshold")] = None,
+) -> VerifyResponse:
+    """Cosine similarity of two images, or of one image and the best-matching entry of an enrolled label."""
+    limit = resolve_threshold(state, threshold)
+    pair = image_a is not None or image_b is not None
+    if pair and (image_a is None or image_b is None or image is not None or label is not None):
+        raise InvalidParameter(PAIR_OR_LABEL)
+    if not pair and (image is None or label is None):
+        raise InvalidParameter(PAIR_OR_LABEL)
+    if pair:
+        uploads = await read_uploads([image_a, image_b], ["image_a", "image_b"], state)  # type: ignore[list-item]
+        vectors = await state.embedder.embed(uploads.batch)  # type: ignore[union-attr]
+        similarity = float(vectors[0] @ vectors[1])
+    else:
+        enrolled = await run_in_threadpool(state.gallery.embeddings, label)  # type: ignore[union-attr]
+        if not len(enrolled):
+            raise NotFound(f"label: no enrolled identity {label!r}")
+        uploads = await read_uploads([image], ["image"], state)  # type: ignore[list-item]
+        vectors = await state.embedder.embed(uploads.batch)  # type: ignore[union-attr]
+        similarity = float(np.max(enrolled @ vectors[0]))
+    return VerifyResponse(
+        similarity=similarity,
+        threshold=limit,
+        match=similarity >= limit,
+        model=state.model_name,
+        label=None if pair else label,
+    )

@@ -1,0 +1,195 @@
+"""Response models: what every route returns, with the examples shown in the OpenAPI docs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _example(example: dict[str, Any]) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": [example]})
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. bad_image, too_large, not_found")
+    message: str = Field(description="what went wrong; names the offending field")
+
+
+class ErrorResponse(BaseModel):
+    model_config = _example({"error": {"code": "bad_image", "message": "image: cannot decode the JPEG image"}})
+    error: ErrorBody
+
+
+class EmbedResponse(BaseModel):
+    model_config = _example({"model": "resnet18-3f2a9c1b7d4e", "dim": 4, "embeddings": [[0.5, -0.5, 0.5, 0.5]]})
+    model: str = Field(description="model name: arch and fingerprint prefix")
+    dim: int
+    embeddings: list[list[float]] = Field(description="L2-normalised, one row per uploaded file, in upload order")
+
+
+class VerifyResponse(BaseModel):
+    model_config = _example(
+        {"similarity": 0.71, "threshold": 0.42, "match": True, "model": "resnet18-3f2a9c1b7d4e", "label": None}
+    )
+    similarity: float = Field(description="cosine similarity (best over the label's entries in label mode)")
+    threshold: float
+    match: bool = Field(description="similarity ≥ threshold")
+    model: str
+    label: str | None = Field(None, description="the enrolled identity compared against (label mode)")
+
+
+class IdentifyMatch(BaseModel):
+    label: str
+    similarity: float
+    entry_id: int | None = Field(None, description="best-matching gallery entry (gallery mode only)")
+
+
+class IdentifyResponse(BaseModel):
+    model_config = _example(
+        {
+            "identity": "alice",
+            "matches": [{"label": "alice", "similarity": 0.83, "entry_id": 12}, {"label": "bob", "similarity": 0.2}],
+            "threshold": 0.42,
+            "mode": "gallery",
+            "model": "resnet18-3f2a9c1b7d4e",
+        }
+    )
+    identity: str | None = Field(description="best label, or null when its similarity is below the threshold")
+    matches: list[IdentifyMatch] = Field(description="up to k identities, most similar first")
+    threshold: float
+    mode: Literal["gallery", "centers"]
+    model: str
+
+
+class EntryOut(BaseModel):
+    id: int
+    label: str
+    metadata: dict[str, Any]
+    created_at: str
+
+
+class EnrollResponse(BaseModel):
+    model_config = _example(
+        {
+            "label": "alice",
+            "entries": [
+                {
+                    "id": 12,
+                    "label": "alice",
+                    "metadata": {"source": "badge"},
+                    "created_at": "2025-01-01T12:00:00.000+00:00",
+                }
+            ],
+        }
+    )
+    label: str
+    entries: list[EntryOut]
+
+
+class IdentityCount(BaseModel):
+    label: str
+    entries: int
+
+
+class GalleryPage(BaseModel):
+    model_config = _example(
+        {
+            "total": 2,
+            "offset": 0,
+            "limit": 100,
+            "identities": [{"label": "alice", "entries": 3}, {"label": "bob", "entries": 1}],
+        }
+    )
+    total: int = Field(description="number of enrolled identities")
+    offset: int
+    limit: int
+    identities: list[IdentityCount]
+
+
+class LabelEntries(BaseModel):
+    model_config = _example(
+        {
+            "label": "alice",
+            "entries": [{"id": 12, "label": "alice", "metadata": {}, "created_at": "2025-01-01T12:00:00.000+00:00"}],
+        }
+    )
+    label: str
+    entries: list[EntryOut]
+
+
+class Health(BaseModel):
+    model_config = _example({"status": "ok"})
+    status: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    arch: str
+    arch_kwargs: dict[str, Any]
+    fingerprint: str
+    input: dict[str, Any]
+    feat_dim: int
+    classes: int
+    created_at: str | None
+
+
+class ThresholdInfo(BaseModel):
+    value: float | None = Field(description="cosine threshold in use (null: requests must give one)")
+    source: Literal["bundle", "settings", "none"]
+    target_far: float | None = None
+    far: float | None = Field(None, description="false accept rate measured at this threshold on held-out pairs")
+    tar: float | None = None
+
+
+class GalleryInfo(BaseModel):
+    size: int = Field(description="entries in the search index")
+    identities: int
+    index: str = Field(description="FAISS index kind: flat, hnsw or ivf")
+    fingerprint: str = Field(description="model the stored embeddings belong to (= the model's once ready)")
+
+
+class Info(BaseModel):
+    model_config = _example(
+        {
+            "model": {
+                "name": "resnet18-3f2a9c1b7d4e",
+                "arch": "resnet18",
+                "arch_kwargs": {"in_channels": 1, "image_size": [112, 96], "feat_dim": 512},
+                "fingerprint": "3f2a9c1b7d4e…",
+                "input": {"channels": 1, "height": 112, "width": 96, "mean": 127.5, "std": 128.0, "resize": "bilinear"},
+                "feat_dim": 512,
+                "classes": 30,
+                "created_at": "2025-01-01T12:00:00+00:00",
+            },
+            "threshold": {"value": 0.42, "source": "bundle", "target_far": 0.001, "far": 0.0009, "tar": 0.93},
+            "gallery": {"size": 120, "identities": 40, "index": "flat", "fingerprint": "3f2a9c1b7d4e…"},
+            "max_batch": 32,
+            "version": "0.1.0",
+        }
+    )
+    model: ModelInfo
+    threshold: ThresholdInfo
+    gallery: GalleryInfo
+    max_batch: int
+    version: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "undecodable image (the message names the field)",
+        401: "missing or unknown API key",
+        403: "a valid key that is not an admin key, on a gallery write",
+        404: "unknown label or entry id",
+        413: "file, image or request too large, or too many files",
+        415: "unsupported file type",
+        422: "invalid parameter",
+        503: "not ready (model loading or gallery re-embedding)",
+    }.items()
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The subset of ERROR_RESPONSES a route can answer (plus 401 and 503, which every guarded route can)."""
+    return {s: ERROR_RESPONSES.get(s, {"model": ErrorResponse}) for s in sorted({*statuses, 401, 503})}
