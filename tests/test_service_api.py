@@ -1,147 +1,151 @@
 """The HTTP API end to end (ASGI, in process) on a model trained on real ORL faces.
 
-s1..s30 trained the model; s31..s40 were never seen by it. Gallery tests enroll the first images of
-held-out people and identify their other images, as in deployment.
+The training job held 10 identities out (``faces.holdout``): gallery tests enroll the first images of 8 of
+them and identify their other images, and the last 2 play strangers, as in deployment.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import orl_bytes, service_settings, unit
+from conftest import Faces, orl_bytes, service_settings, unit
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
 from training.bundle import load_bundle
 
-ENROLLED = range(31, 39)  # held-out identities put in the gallery
-STRANGERS = range(39, 41)  # held-out identities never enrolled
 ENROLL_IMAGES = (1, 2, 3)
 PROBE_IMAGES = range(4, 11)
 
 
-def files(field: str, *images: tuple[int, int]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [(field, (f"s{i}_{j}.pgm", orl_bytes(i, j), "image/x-portable-graymap")) for i, j in images]
+def files(faces: Faces, field: str, *images: tuple[str, int]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (f"{p}_{j}.pgm", faces.bytes(p, j), "image/x-portable-graymap")) for p, j in images]
 
 
-def enroll(client: TestClient, identity: int, images: tuple[int, ...] = ENROLL_IMAGES, **data: str) -> Any:
-    response = client.post(
-        "/gallery", files=files("files", *[(identity, j) for j in images]), data={"label": f"s{identity}", **data}
-    )
+def enroll(client: TestClient, faces: Faces, person: str, images: tuple[int, ...] = ENROLL_IMAGES, **data: str) -> Any:
+    sent = files(faces, "files", *[(person, j) for j in images])
+    response = client.post("/gallery", files=sent, data={"label": person, **data})
     assert response.status_code == 201, response.text
     return response.json()
 
 
-def identify(client: TestClient, identity: int, image: int, **data: str) -> dict[str, Any]:
-    response = client.post("/identify", files=files("image", (identity, image)), data=data)
+def identify(client: TestClient, faces: Faces, person: str, image: int, **data: str) -> dict[str, Any]:
+    response = client.post("/identify", files=files(faces, "image", (person, image)), data=data)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def test_embed_matches_the_bundle_model_in_upload_order(client: TestClient, bundle_dir: Path) -> None:
-    images = [(31, 1), (5, 2), (31, 2)]
-    body = client.post("/embed", files=files("files", *images)).json()
+def test_embed_matches_the_bundle_model_in_upload_order(client: TestClient, faces: Faces, bundle_dir: Path) -> None:
+    images = [(faces.holdout[0], 1), (faces.train[4], 2), (faces.holdout[0], 2)]
+    body = client.post("/embed", files=files(faces, "files", *images)).json()
     bundle = load_bundle(bundle_dir)
-    reference = bundle.model(bundle.preprocess.batch([Image.open(io.BytesIO(orl_bytes(*i))) for i in images]))
-    expected = unit(reference.detach().numpy())
+    decoded = [Image.open(io.BytesIO(faces.bytes(*image))) for image in images]
+    expected = unit(bundle.model(bundle.preprocess.batch(decoded)).detach().numpy())
     assert body["dim"] == bundle.feat_dim and body["model"] == bundle.name
     np.testing.assert_allclose(np.array(body["embeddings"]), expected, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(body["embeddings"], axis=1), 1.0, atol=1e-6)
 
 
-def test_identify_enrolled_people_and_reject_strangers(client: TestClient) -> None:
-    for identity in ENROLLED:
-        enroll(client, identity)
-    rank1 = [identify(client, i, j)["matches"][0]["label"] == f"s{i}" for i in ENROLLED for j in PROBE_IMAGES]
+def test_identify_enrolled_people_and_reject_strangers(client: TestClient, faces: Faces) -> None:
+    enrolled, strangers = faces.holdout[:8], faces.holdout[8:]
+    for person in enrolled:
+        enroll(client, faces, person)
+    rank1 = [identify(client, faces, p, j)["matches"][0]["label"] == p for p in enrolled for j in PROBE_IMAGES]
     assert np.mean(rank1) >= 0.7
-    strangers = [identify(client, i, j)["identity"] for i in STRANGERS for j in range(1, 11)]
-    assert np.mean([s is None for s in strangers]) >= 0.5
-    answer = identify(client, 31, 5, k="3")
+    unknown = [identify(client, faces, p, j)["identity"] is None for p in strangers for j in range(1, 11)]
+    assert np.mean(unknown) >= 0.5
+    answer = identify(client, faces, enrolled[0], 5, k="3")
     assert len(answer["matches"]) == 3 and answer["mode"] == "gallery"
     similarities = [m["similarity"] for m in answer["matches"]]
     assert similarities == sorted(similarities, reverse=True)
     assert len({m["label"] for m in answer["matches"]}) == 3  # identities, not entries
     # the threshold decides identity: everything clears -1, nothing clears 1
-    assert identify(client, 31, 5, threshold="-1")["identity"] == answer["matches"][0]["label"]
-    assert identify(client, 31, 5, threshold="1")["identity"] is None
+    assert identify(client, faces, enrolled[0], 5, threshold="-1")["identity"] == answer["matches"][0]["label"]
+    assert identify(client, faces, enrolled[0], 5, threshold="1")["identity"] is None
 
 
-def test_identify_an_enrolled_image_returns_its_own_entry(client: TestClient) -> None:
-    entries = enroll(client, 33)["entries"]
-    best = identify(client, 33, 2)["matches"][0]
+def test_identify_an_enrolled_image_returns_its_own_entry(client: TestClient, faces: Faces) -> None:
+    person = faces.holdout[2]
+    entries = enroll(client, faces, person)["entries"]
+    best = identify(client, faces, person, 2)["matches"][0]
     assert best["entry_id"] == entries[1]["id"] and best["similarity"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_centers_mode_names_training_identities(client: TestClient) -> None:
-    probes = [(i, j) for i in range(1, 31, 3) for j in (1, 6)]
-    answers = [identify(client, i, j, mode="centers", k="3") for i, j in probes]
-    assert np.mean([a["matches"][0]["label"] == f"s{i}" for a, (i, _) in zip(answers, probes, strict=True)]) >= 0.8
+def test_centers_mode_names_training_identities(client: TestClient, faces: Faces) -> None:
+    probes = [(person, j) for person in faces.train[::3] for j in (1, 6)]
+    answers = [identify(client, faces, p, j, mode="centers", k="3") for p, j in probes]
+    assert np.mean([a["matches"][0]["label"] == p for a, (p, _) in zip(answers, probes, strict=True)]) >= 0.8
     assert all(a["mode"] == "centers" and len(a["matches"]) == 3 for a in answers)
     assert all(m.get("entry_id") is None for a in answers for m in a["matches"])
-    strangers = [identify(client, i, 1, mode="centers")["matches"][0]["label"] for i in range(31, 41)]
-    assert all(label in {f"s{i}" for i in range(1, 31)} for label in strangers)  # closed set
+    strangers = [identify(client, faces, p, 1, mode="centers")["matches"][0]["label"] for p in faces.holdout]
+    assert set(strangers) <= set(faces.train)  # closed set: only training identities can come back
 
 
-def test_identify_on_an_empty_gallery_is_unknown(client: TestClient) -> None:
-    answer = identify(client, 31, 1)
+def test_identify_on_an_empty_gallery_is_unknown(client: TestClient, faces: Faces) -> None:
+    answer = identify(client, faces, faces.holdout[0], 1)
     assert answer == {**answer, "identity": None, "matches": []}
 
 
-def test_verify_pairs_and_labels(client: TestClient) -> None:
-    def similarity(a: tuple[int, int], b: tuple[int, int]) -> float:
-        response = client.post("/verify", files=files("image_a", a) + files("image_b", b))
+def test_verify_pairs_and_labels(client: TestClient, faces: Faces) -> None:
+    def similarity(a: tuple[str, int], b: tuple[str, int]) -> float:
+        response = client.post("/verify", files=files(faces, "image_a", a) + files(faces, "image_b", b))
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["match"] == (body["similarity"] >= body["threshold"])
         return float(body["similarity"])
 
-    same = [similarity((i, 1), (i, j)) for i in range(31, 41) for j in (2, 3)]
-    different = [similarity((i, 1), (i + 1, 2)) for i in range(31, 40)]
+    people = faces.holdout
+    same = [similarity((p, 1), (p, j)) for p in people for j in (2, 3)]
+    different = [similarity((p, 1), (q, 2)) for p, q in itertools.pairwise(people)]
     assert np.mean(same) > np.mean(different) + 0.3
-    assert similarity((31, 1), (31, 1)) == pytest.approx(1.0, abs=1e-5)
+    assert similarity((people[0], 1), (people[0], 1)) == pytest.approx(1.0, abs=1e-5)
 
-    enroll(client, 35)
-    response = client.post("/verify", files=files("image", (35, 2)), data={"label": "s35"})
-    assert response.json()["similarity"] == pytest.approx(1.0, abs=1e-5) and response.json()["match"]
-    assert response.json()["label"] == "s35"
-    pair = similarity((35, 7), (35, 3))  # best over the label's entries is at least any one of them
-    response = client.post("/verify", files=files("image", (35, 7)), data={"label": "s35"})
-    assert response.json()["similarity"] >= pair - 1e-6
-    assert client.post("/verify", files=files("image", (35, 2)), data={"label": "nobody"}).status_code == 404
+    person = people[4]
+    enroll(client, faces, person)
+    response = client.post("/verify", files=files(faces, "image", (person, 2)), data={"label": person}).json()
+    assert response["similarity"] == pytest.approx(1.0, abs=1e-5) and response["match"]
+    assert response["label"] == person
+    pair = similarity((person, 7), (person, 3))  # best over the label's entries is at least any one of them
+    response = client.post("/verify", files=files(faces, "image", (person, 7)), data={"label": person}).json()
+    assert response["similarity"] >= pair - 1e-6
+    unknown = client.post("/verify", files=files(faces, "image", (person, 2)), data={"label": "nobody"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
 
 
-def test_gallery_listing_pagination_and_deletes(client: TestClient) -> None:
-    created = {i: enroll(client, i, (1, 2), metadata=f'{{"badge": {i}}}')["entries"] for i in (34, 31, 33, 32)}
-    assert created[31][0]["metadata"] == {"badge": 31}
+def test_gallery_listing_pagination_and_deletes(client: TestClient, faces: Faces) -> None:
+    a, b, c, d = sorted(faces.holdout[:4])
+    created = {p: enroll(client, faces, p, (1, 2), metadata=f'{{"badge": "{p}"}}')["entries"] for p in (d, a, c, b)}
+    assert created[a][0]["metadata"] == {"badge": a}
     page = client.get("/gallery", params={"offset": 1, "limit": 2}).json()
     assert page == {
         "total": 4,
         "offset": 1,
         "limit": 2,
-        "identities": [{"label": "s32", "entries": 2}, {"label": "s33", "entries": 2}],
+        "identities": [{"label": b, "entries": 2}, {"label": c, "entries": 2}],
     }
-    one = client.get("/gallery/s33").json()
-    assert [e["id"] for e in one["entries"]] == [e["id"] for e in created[33]]
+    one = client.get(f"/gallery/{c}").json()
+    assert [e["id"] for e in one["entries"]] == [e["id"] for e in created[c]]
     assert client.get("/gallery/nobody").status_code == 404
 
-    assert client.delete(f"/gallery/entries/{created[33][0]['id']}").status_code == 204
-    assert client.delete(f"/gallery/entries/{created[33][0]['id']}").status_code == 404
-    assert [e["id"] for e in client.get("/gallery/s33").json()["entries"]] == [created[33][1]["id"]]
-    assert client.delete("/gallery/s34").status_code == 204
-    assert client.delete("/gallery/s34").status_code == 404
+    assert client.delete(f"/gallery/entries/{created[c][0]['id']}").status_code == 204
+    assert client.delete(f"/gallery/entries/{created[c][0]['id']}").status_code == 404
+    assert [e["id"] for e in client.get(f"/gallery/{c}").json()["entries"]] == [created[c][1]["id"]]
+    assert client.delete(f"/gallery/{d}").status_code == 204
+    assert client.delete(f"/gallery/{d}").status_code == 404
     assert client.get("/gallery").json()["total"] == 3
-    assert all(m["label"] != "s34" for m in identify(client, 34, 1, k="10")["matches"])
+    assert all(m["label"] != d for m in identify(client, faces, d, 1, k="10")["matches"])
     assert client.get("/info").json()["gallery"]["size"] == 5
 
 
-def test_info_reports_bundle_threshold_and_gallery(client: TestClient, bundle_dir: Path) -> None:
-    enroll(client, 31)
+def test_info_reports_bundle_threshold_and_gallery(client: TestClient, faces: Faces, bundle_dir: Path) -> None:
+    enroll(client, faces, faces.holdout[0])
     bundle = load_bundle(bundle_dir)
     info = client.get("/info").json()
     assert info["model"]["arch"] == "resnet18"
@@ -156,17 +160,21 @@ def test_info_reports_bundle_threshold_and_gallery(client: TestClient, bundle_di
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", info["version"])
 
 
-def test_threshold_setting_overrides_the_bundle(bundle_dir: Path, tmp_path: Path) -> None:
+def test_threshold_setting_overrides_the_bundle(bundle_dir: Path, faces: Faces, tmp_path: Path) -> None:
     with TestClient(create_app(service_settings(bundle_dir, tmp_path, threshold=-1.0))) as client:
-        assert client.get("/info").json()["threshold"] == {**client.get("/info").json()["threshold"], "value": -1.0}
-        response = client.post("/verify", files=files("image_a", (31, 1)) + files("image_b", (12, 3)))
-        assert response.json()["match"] and response.json()["threshold"] == -1.0
+        assert client.get("/info").json()["threshold"] == {"value": -1.0, "source": "settings"} | {
+            k: None for k in ("target_far", "far", "tar")
+        }
+        pair = files(faces, "image_a", (faces.holdout[0], 1)) + files(faces, "image_b", (faces.train[0], 3))
+        response = client.post("/verify", files=pair).json()
+        assert response["match"] and response["threshold"] == -1.0
 
 
-def test_metrics_expose_the_listed_series(client: TestClient) -> None:
-    enroll(client, 31)
-    identify(client, 31, 4)
-    client.post("/embed", files=files("files", (31, 1), (31, 2)))
+def test_metrics_expose_the_listed_series(client: TestClient, faces: Faces) -> None:
+    person = faces.holdout[0]
+    enroll(client, faces, person)
+    identify(client, faces, person, 4)
+    client.post("/embed", files=files(faces, "files", (person, 1), (person, 2)))
     client.get("/gallery/unknown")
     text = client.get("/metrics").text
     assert 'centerid_requests_total{method="POST",route="/gallery",status="201"} 1.0' in text
@@ -185,7 +193,7 @@ def test_ready_is_503_before_the_lifespan_has_loaded(bundle_dir: Path, tmp_path:
     assert client.get("/health").json() == {"status": "ok"}
     response = client.get("/ready")
     assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
-    assert client.post("/embed", files=files("files", (1, 1))).status_code == 503
+    assert client.post("/embed", files={"files": orl_bytes(1, 1)}).status_code == 503
     assert client.get("/info").status_code == 503
     with client:
         assert client.get("/ready").status_code == 200
