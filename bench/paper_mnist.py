@@ -27,6 +27,7 @@ from bench.common import (
     CACHE_DIR,
     IMG_DIR,
     ROOT,
+    cached_step,
     cli_flags,
     display_command,
     machine,
@@ -110,7 +111,7 @@ def train(data: Path, output: Path, lam: float, args: argparse.Namespace) -> tup
         seed=args.seed,
         device=args.device,
     )
-    return argv, run_step(argv, output.parent / f"{output.name}.log")
+    return argv, cached_step(argv, output)[0]
 
 
 def closed_set(bundle_dir: Path, test_dir: Path, lam: float, device: str) -> dict[str, Any]:

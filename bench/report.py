@@ -39,6 +39,8 @@ def format_number(value: Any, fmt: str = "g") -> str:
     if isinstance(value, dict) and "mean" in value:
         mean, std = format_number(value["mean"], fmt), format_number(value["std"], fmt)
         suffix = " %" if fmt == "pct" else ""
+        if value.get("n") == 1:  # one run: a spread of 0 would read as a measured one
+            return f"{mean} (n=1)"
         return f"{mean.removesuffix(suffix)} ± {std.removesuffix(suffix)}{suffix} (n={value.get('n', '?')})"
     if isinstance(value, bool) or fmt == "str" or not isinstance(value, int | float):
         return str(value)

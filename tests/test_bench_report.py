@@ -73,6 +73,7 @@ def test_dig_walks_dotted_paths_and_names_the_missing_key() -> None:
         ("resnet18", "str", "resnet18"),
         ({"mean": 0.9, "std": 0.012, "n": 3}, "pct", "90.00 ± 1.20 % (n=3)"),
         ({"mean": 0.91234, "std": 0.0042, "n": 2}, "f3", "0.912 ± 0.004 (n=2)"),
+        ({"mean": 0.5, "std": 0.0, "n": 1}, "pct", "50.00 % (n=1)"),
     ],
 )
 def test_format_number(value: object, fmt: str, expected: str) -> None:
@@ -230,3 +231,20 @@ def test_mnist_summary_judges_goals_against_the_lambda_zero_baseline() -> None:
     assert met["MNIST open set (train 0–5, test 6–9) TAR@FAR=1e-2, λ = 0.01"] is True
     assert met["MNIST open set (train 0–5, test 6–9) rank-1, λ = 0.01"] is False
     assert payload["tables"][0]["rows"][1][2] == 0.992
+
+
+def test_faces_paired_deltas_subtract_the_same_seeds_baseline() -> None:
+    from bench.faces_orl import deltas
+
+    def run(seed: int, value: float) -> dict:
+        return {"seed": seed, "metrics": {"ten_fold": value, "tar_1e-2": value, "rank1": None}}
+
+    cells = {
+        ("demo", 0.0): {"runs": [run(0, 0.90), run(1, 0.80), run(2, 0.70)]},
+        ("demo", 0.01): {"runs": [run(0, 0.92), run(1, 0.81)]},  # seed 2 not run at this λ
+    }
+    result = deltas(cells)
+    assert list(result) == [("demo", 0.01)]
+    assert result["demo", 0.01]["ten_fold"]["mean"] == pytest.approx(0.015)
+    assert result["demo", 0.01]["ten_fold"]["std"] == pytest.approx(statistics.stdev([0.02, 0.01]))
+    assert result["demo", 0.01]["rank1"] is None
