@@ -228,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "tables": tables(cells, args),
         "runs": [
-            {"name": f"{config} λ={lam:g} seed {r['seed']}", "command": r["command"], "wall_s": r["wall_s"]}
+            {
+                "name": f"{config} λ={lam:g} seed {r['seed']}" + (" (reused run)" if r["reused"] else ""),
+                "command": r["command"],
+                "wall_s": r["wall_s"],
+            }
             for (config, lam), cell in cells.items()
             for r in cell["runs"]
         ],

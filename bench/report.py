@@ -163,7 +163,11 @@ def render_bench(payload: dict[str, Any]) -> str:
         parts += [f"![{plot.get('caption', '')}]({rel.as_posix()})", "", f"_{plot.get('caption', '')}_", ""]
     runs = payload.get("runs", [])
     if runs:
-        parts += ["<details><summary>Every step that ran (command, wall time)</summary>", ""]
+        parts += [
+            "<details><summary>Every step (command, wall time; a reused run was trained by an earlier "
+            "invocation with the identical command, and its wall time is that run's)</summary>",
+            "",
+        ]
         parts += [
             markdown_table(
                 ["Step", "Wall", "Command"],

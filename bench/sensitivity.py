@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "tables": [{"title": "Grid", "columns": columns, "rows": table_rows}],
         "plots": [{"path": PLOT.relative_to(ROOT).as_posix(), "caption": "Held-out 10-fold accuracy against λ and α"}],
-        "runs": [{"name": f"λ={r['lambda']:g} α={r['alpha']:g}", "command": r["command"], "wall_s": r["wall_s"]}
-                 for r in rows],
+        "runs": [{"name": f"λ={r['lambda']:g} α={r['alpha']:g}" + (" (reused run)" if r["reused"] else ""),
+                  "command": r["command"], "wall_s": r["wall_s"]} for r in rows],
         "not_run": [] if args.preset == "full" else [
             f"the full grid {PRESETS['full']['lambdas']} × α {PRESETS['full']['alphas']} at "
             f"{PRESETS['full']['epochs']} epochs, and more than one seed per point: "
