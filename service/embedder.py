@@ -1,10 +1,14 @@
 """The one inference worker: a dedicated thread that batches concurrent requests into forward passes.
 
-Requests put preprocessed tensors on a queue and await their own rows. The worker takes the first job,
-waits at most ``max_wait_ms`` for more (never more than ``max_batch`` rows), runs one forward pass and
-hands each job its slice back on the caller's event loop (``call_soon_threadsafe``). The model is only ever
-touched by this thread, so inference never blocks the event loop and torch's thread pool is never shared
-by two forward passes at once.
+Requests put preprocessed tensors on a queue and await their own rows. The worker takes the first job
+and whatever else is queued (never more than ``max_batch`` rows), runs one forward pass and hands each job
+its slice back on the caller's event loop (``call_soon_threadsafe``). The model is only ever touched by
+this thread, so inference never blocks the event loop and torch's thread pool is never shared by two
+forward passes at once.
+
+Waiting for company costs latency, so the worker waits (at most ``max_wait_ms``) only for requests that
+have announced themselves (:meth:`Embedder.announce`: they are still decoding their uploads). A lone
+request is run at once; under load, batches fill with the requests that were on their way.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +67,19 @@ def _settle_async(future: Any, result: np.ndarray | None, error: BaseException |
 
 
 _STOP = object()
+_NUDGE = object()  # wakes a waiting worker when an announced request gives up before submitting
+
+
+class Arrival:
+    """A request on its way to the queue (see :meth:`Embedder.announce`); closed once it has submitted."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self._embedder: Embedder | None = embedder
+
+    def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder._arrived()
+            self._embedder = None
 
 
 class Embedder:
@@ -87,6 +104,7 @@ class Embedder:
         self.batch_sizes: Counter[int] = Counter()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._queued_rows = 0
+        self._arriving = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -125,11 +143,34 @@ class Embedder:
         return self._queued_rows
 
     # -- submission --------------------------------------------------------------------------------------
-    async def embed(self, batch: torch.Tensor) -> np.ndarray:
+    @contextlib.contextmanager
+    def announce(self) -> Iterator[Arrival]:
+        """Tell the worker a request is coming (wrap decoding + ``embed(..., arrival)``), so that a batch
+        being formed waits for it rather than leaving without it."""
+        with self._lock:
+            self._arriving += 1
+        arrival = Arrival(self)
+        try:
+            yield arrival
+        finally:
+            arrival.close()
+
+    def _arrived(self) -> None:
+        with self._lock:
+            self._arriving -= 1
+            idle = self._arriving == 0
+        if idle:
+            self._queue.put(_NUDGE)
+
+    async def embed(self, batch: torch.Tensor, arrival: Arrival | None = None) -> np.ndarray:
         """Embed a preprocessed N×C×H×W batch; awaits this request's N rows."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._submit(_Job(batch, future, loop))
+        try:
+            self._submit(_Job(batch, future, loop))
+        finally:
+            if arrival is not None:  # after the put: the worker sees the job before the count drops
+                arrival.close()
         return await future
 
     def embed_sync(self, batch: torch.Tensor) -> np.ndarray:
@@ -172,19 +213,29 @@ class Embedder:
             held = None
             if first is _STOP:
                 return
+            if first is _NUDGE:
+                continue
             jobs, held = self._gather(first)
             self._process(jobs)
 
     def _gather(self, first: _Job) -> tuple[list[_Job], Any]:
-        """Add queued jobs to ``first`` until max_batch rows or max_wait; returns (jobs, job held back)."""
+        """Add queued jobs to ``first`` up to max_batch rows, waiting (until max_wait) only while announced
+        requests are still on their way; returns (jobs, job held back for the next batch)."""
         jobs, rows = [first], first.batch.shape[0]
         deadline = time.monotonic() + self.max_wait
         while rows < self.max_batch:
-            remaining = deadline - time.monotonic()
             try:
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                job = self._queue.get_nowait()
             except queue.Empty:
-                break
+                remaining = deadline - time.monotonic()
+                if self._arriving <= 0 or remaining <= 0:
+                    break
+                try:
+                    job = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if job is _NUDGE:
+                continue
             if job is _STOP or rows + job.batch.shape[0] > self.max_batch:
                 return jobs, job
             jobs.append(job)

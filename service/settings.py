@@ -45,7 +45,7 @@ class Settings(BaseSettings):
 
     max_batch: int = Field(32, ge=1, description="most images per forward pass (1 disables batching)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first queued request waits for company")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all available cores")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = cores - 1 (at least 1)")
     faiss_threads: int = Field(0, ge=0, description="FAISS OpenMP threads; 0 = half the cores (at least 1)")
 
     index_kind: Literal["flat", "hnsw", "ivf"] = Field("flat", description="gallery search index")
@@ -84,7 +84,9 @@ class Settings(BaseSettings):
 
     @property
     def torch_thread_count(self) -> int:
-        return self.torch_threads or available_cores()
+        """One core is left to the event loop, decoding and FAISS: OpenMP threads spin while they wait, so
+        a forward pass that shares its cores slows down by far more than one thread's worth."""
+        return self.torch_threads or max(1, available_cores() - 1)
 
     @property
     def faiss_thread_count(self) -> int:

@@ -4,6 +4,7 @@ FAISS (two OpenMP runtimes) coexist in one process whatever the import order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -37,9 +38,11 @@ def test_concurrent_requests_share_forward_passes(bundle_dir: Path, faces: torch
     reference = one_by_one(bundle_dir, faces)
 
     async def burst(embedder: Embedder) -> list[np.ndarray]:
-        return await asyncio.gather(*(embedder.embed(faces[i : i + 1]) for i in range(len(faces))))
+        with contextlib.ExitStack() as stack:  # 24 requests announce themselves, as the routes do
+            arrivals = [stack.enter_context(embedder.announce()) for _ in range(len(faces))]
+            return await asyncio.gather(*(embedder.embed(faces[i : i + 1], arrivals[i]) for i in range(len(faces))))
 
-    with Embedder(load_bundle(bundle_dir), max_batch=8, max_wait_ms=50, threads=1) as embedder:
+    with Embedder(load_bundle(bundle_dir), max_batch=8, max_wait_ms=500, threads=1) as embedder:
         rows = asyncio.run(burst(embedder))
         assert embedder.forward_passes < len(faces)
         assert max(embedder.batch_sizes) <= 8
@@ -47,6 +50,21 @@ def test_concurrent_requests_share_forward_passes(bundle_dir: Path, faces: torch
     np.testing.assert_allclose(np.concatenate(rows), reference, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(reference, axis=1), 1.0, atol=1e-6)
     assert reference.dtype == np.float32
+
+
+def test_a_lone_request_does_not_wait_but_an_announced_one_is_waited_for(bundle_dir: Path, faces: torch.Tensor) -> None:
+    async def scenario(embedder: Embedder) -> tuple[bool, np.ndarray]:
+        alone = await asyncio.wait_for(embedder.embed(faces[:1]), 60)  # max_wait is 10 minutes
+        with embedder.announce():  # a request still decoding, which will fail and never submit
+            waiting = asyncio.create_task(embedder.embed(faces[1:2]))
+            await asyncio.sleep(0.3)
+            held_back = not waiting.done()
+        return held_back, np.concatenate([alone, await asyncio.wait_for(waiting, 60)])
+
+    with Embedder(load_bundle(bundle_dir), max_batch=8, max_wait_ms=600_000, threads=1) as embedder:
+        held_back, rows = asyncio.run(scenario(embedder))
+    assert held_back
+    np.testing.assert_allclose(rows, one_by_one(bundle_dir, faces)[:2], atol=1e-5)
 
 
 def test_multi_image_jobs_are_never_split_and_big_ones_are_chunked(bundle_dir: Path, faces: torch.Tensor) -> None:

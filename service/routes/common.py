@@ -150,6 +150,15 @@ async def read_uploads(files: list[UploadFile], names: list[str], state: Service
     return Uploads(blobs, await run_in_threadpool(decode_all))
 
 
+async def embed_uploads(files: list[UploadFile], names: list[str], state: ServiceState) -> tuple[Uploads, np.ndarray]:
+    """Decode, preprocess and embed uploads; the inference worker knows they are coming while they decode."""
+    embedder = state.embedder
+    assert embedder is not None
+    with embedder.announce() as arrival:
+        uploads = await read_uploads(files, names, state)
+        return uploads, await embedder.embed(uploads.batch, arrival)
+
+
 def field_names(field: str, count: int) -> list[str]:
     return [field] if count == 1 else [f"{field}[{i}]" for i in range(count)]
 

@@ -6,8 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, UploadFile
 
-from service.embedder import Embedder
-from service.routes.common import ServiceState, field_names, read_uploads, ready_state, require_key
+from service.routes.common import ServiceState, embed_uploads, field_names, ready_state, require_key
 from service.schemas import EmbedResponse, errors
 
 router = APIRouter(tags=["embeddings"], dependencies=[Depends(require_key)])
@@ -19,7 +18,5 @@ async def embed(
     state: Annotated[ServiceState, Depends(ready_state)],
 ) -> EmbedResponse:
     """L2-normalised embeddings, one row per file, computed by the bundle's model (batched with other requests)."""
-    uploads = await read_uploads(files, field_names("files", len(files)), state)
-    embedder: Embedder = state.embedder  # type: ignore[assignment]
-    vectors = await embedder.embed(uploads.batch)
+    _, vectors = await embed_uploads(files, field_names("files", len(files)), state)
     return EmbedResponse(model=state.model_name, dim=int(vectors.shape[1]), embeddings=vectors.tolist())

@@ -12,9 +12,9 @@ from service.errors import InvalidParameter, NotFound
 from service.gallery import Gallery, GalleryError, validate_label
 from service.routes.common import (
     ServiceState,
+    embed_uploads,
     field_names,
     get_gallery,
-    read_uploads,
     ready_state,
     require_admin,
     require_key,
@@ -60,8 +60,7 @@ async def enroll(
     except GalleryError as error:
         raise InvalidParameter(f"label: {error}") from None
     meta = _parse_metadata(metadata)
-    uploads = await read_uploads(files, field_names("files", len(files)), state)
-    vectors = await state.embedder.embed(uploads.batch)  # type: ignore[union-attr]
+    uploads, vectors = await embed_uploads(files, field_names("files", len(files)), state)
     entries = await run_in_threadpool(state.gallery.add, label, vectors, uploads.blobs, meta)  # type: ignore[union-attr]
     return EnrollResponse(label=label, entries=[EntryOut(**e.__dict__) for e in entries])
 

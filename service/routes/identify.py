@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.routes.common import ServiceState, read_uploads, ready_state, require_key, resolve_threshold
+from service.routes.common import ServiceState, embed_uploads, ready_state, require_key, resolve_threshold
 from service.schemas import IdentifyMatch, IdentifyResponse, errors
 
 router = APIRouter(tags=["recognition"], dependencies=[Depends(require_key)])
@@ -29,8 +29,8 @@ async def identify(
 ) -> IdentifyResponse:
     """Rank identities by cosine similarity; ``identity`` is the best one if it reaches the threshold, else null."""
     limit = resolve_threshold(state, threshold)
-    uploads = await read_uploads([image], ["image"], state)
-    vector = (await state.embedder.embed(uploads.batch))[0]  # type: ignore[union-attr]
+    _, vectors = await embed_uploads([image], ["image"], state)
+    vector = vectors[0]
     if mode == "centers":
         matches = _rank_centers(state, vector, k)
     else:

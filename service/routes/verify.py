@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidParameter, NotFound
-from service.routes.common import ServiceState, read_uploads, ready_state, require_key, resolve_threshold
+from service.routes.common import ServiceState, embed_uploads, ready_state, require_key, resolve_threshold
 from service.schemas import VerifyResponse, errors
 
 router = APIRouter(tags=["recognition"], dependencies=[Depends(require_key)])
@@ -34,15 +34,13 @@ async def verify(
     if not pair and (image is None or label is None):
         raise InvalidParameter(PAIR_OR_LABEL)
     if pair:
-        uploads = await read_uploads([image_a, image_b], ["image_a", "image_b"], state)  # type: ignore[list-item]
-        vectors = await state.embedder.embed(uploads.batch)  # type: ignore[union-attr]
+        _, vectors = await embed_uploads([image_a, image_b], ["image_a", "image_b"], state)  # type: ignore[list-item]
         similarity = float(vectors[0] @ vectors[1])
     else:
         enrolled = await run_in_threadpool(state.gallery.embeddings, label)  # type: ignore[union-attr]
         if not len(enrolled):
             raise NotFound(f"label: no enrolled identity {label!r}")
-        uploads = await read_uploads([image], ["image"], state)  # type: ignore[list-item]
-        vectors = await state.embedder.embed(uploads.batch)  # type: ignore[union-attr]
+        _, vectors = await embed_uploads([image], ["image"], state)  # type: ignore[list-item]
         similarity = float(np.max(enrolled @ vectors[0]))
     return VerifyResponse(
         similarity=similarity,
