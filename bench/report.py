@@ -17,9 +17,10 @@ from typing import Any
 from bench.common import RESULTS_DIR, ROOT
 
 BENCH_ORDER = ("paper_mnist", "faces_orl", "sensitivity")
-SECTIONS = (  # (title, path relative to the repo): owned by other engineers, included verbatim
-    ("Center-loss op", "docs/benchmarks_center_loss.md"),
-    ("Serving and gallery", "docs/benchmarks_service.md"),
+# (title, curated doc of its owner, raw table of the latest `bench.run_all` run): both included verbatim
+SECTIONS = (
+    ("Center-loss op", "docs/benchmarks_center_loss.md", "bench/results/center_loss_op.md"),
+    ("Serving and gallery", "docs/benchmarks_service.md", "bench/results/service.md"),
 )
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 
@@ -180,17 +181,24 @@ def render_bench(payload: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def render_section(title: str, path: Path) -> str:
-    if not path.is_file():
-        return (
-            f"## {title}\n\n_`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}` was not written yet._\n"
-        )
-    body = demote_headings(path.read_text().strip(), levels=2)
-    rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    return f"## {title}\n\n_Included verbatim from `{rel}`._\n\n{body}\n"
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
-def build_report(results: dict[str, dict[str, Any]], sections: Sequence[tuple[str, Path]]) -> str:
+def render_section(title: str, path: Path, latest: Path | None = None) -> str:
+    """Another engineer's curated markdown, verbatim, then the raw table of the latest run_all run."""
+    parts = [f"## {title}", ""]
+    if path.is_file():
+        parts += [f"_Included verbatim from `{_rel(path)}`._", "", demote_headings(path.read_text().strip(), 2), ""]
+    else:
+        parts += [f"_`{_rel(path)}` was not written yet._", ""]
+    if latest is not None and latest.is_file():
+        parts += [f"### Latest `bench.run_all` run (`{_rel(latest)}`, verbatim)", ""]
+        parts += [demote_headings(latest.read_text().strip(), 3), ""]
+    return "\n".join(parts)
+
+
+def build_report(results: dict[str, dict[str, Any]], sections: Sequence[tuple[str, Path, Path | None]]) -> str:
     """The whole markdown document: summary table, one section per bench, the included sections, and
     everything that was not run, gathered at the end."""
     parts = [
@@ -206,7 +214,7 @@ def build_report(results: dict[str, dict[str, Any]], sections: Sequence[tuple[st
         "",
     ]
     parts += [render_bench(payload) for payload in results.values()]
-    parts += [render_section(title, path) for title, path in sections]
+    parts += [render_section(title, path, latest) for title, path, latest in sections]
     not_run = [f"{payload['title']}: {item}" for payload in results.values() for item in payload.get("not_run", [])]
     if not_run:
         parts += ["## What was not run", ""] + [f"- {item}" for item in not_run] + [""]
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of results JSON files")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file to write")
     args = parser.parse_args(argv)
-    sections = [(title, ROOT / rel) for title, rel in SECTIONS]
+    sections = [(title, ROOT / doc, ROOT / latest) for title, doc, latest in SECTIONS]
     report = build_report(load_results(args.results), sections)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

@@ -136,10 +136,15 @@ def test_report_takes_every_number_from_results_and_merges_sections(tmp_path: Pa
     )
     section = tmp_path / "benchmarks_service.md"
     section.write_text("# Serving\n\n| p50 | 3.1 ms |\n")
+    latest = tmp_path / "service_latest.md"
+    latest.write_text("# Raw\n\n| p50 | 2.7 ms |\n")
     results = load_results(results_dir)
     assert list(results) == ["paper_mnist", "faces_orl"]  # report order, not file-name order
 
-    report = build_report(results, [("Serving and gallery", section), ("Center-loss op", tmp_path / "missing.md")])
+    report = build_report(
+        results,
+        [("Serving and gallery", section, latest), ("Center-loss op", tmp_path / "missing.md", tmp_path / "none.md")],
+    )
     summary = report.split("## Summary", 1)[1].split("\n## ", 1)[0]
     assert "98.77 %" in summary and "83.12 ± 2.10 % (n=3)" in summary
     assert summary.index("Mnist accuracy") < summary.index("Faces accuracy")
@@ -149,6 +154,8 @@ def test_report_takes_every_number_from_results_and_merges_sections(tmp_path: Pa
     assert "![features at λ=0.1](img/mnist_lambda_0.1.png)" in report
     assert "`python -m training --center-weight 0.1`" in report
     assert "#### Serving" not in report and "### Serving" in report and "| p50 | 3.1 ms |" in report
+    assert "#### Raw" in report and "| p50 | 2.7 ms |" in report  # the latest raw table, nested one deeper
+    assert report.index("| p50 | 3.1 ms |") < report.index("| p50 | 2.7 ms |")
     assert "`" + str(tmp_path / "missing.md") + "` was not written yet" in report
     assert "## What was not run" in report and "Mnist: the full 60k-image schedule (needs a GPU)" in report
 
