@@ -40,6 +40,11 @@ def path(block: str, *keys: str) -> str:
     return block
 
 
+def defaults(value: str) -> str:
+    """Compose's ${VAR:-default} interpolation with nothing set."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
 def flow_list(value: str) -> list[str]:
     """A flow sequence of double-quoted strings, possibly over several lines: ["a", "b"]."""
     return json.loads(" ".join(line.strip() for line in value.splitlines()))
@@ -93,12 +98,13 @@ def test_api_health_ports_restart_and_volumes(services: dict[str, str]) -> None:
 
 
 def test_init_runs_the_demo_bootstrap_into_what_api_serves(services: dict[str, str]) -> None:
-    command = flow_list(path(services["init"], "command"))
+    command = [defaults(arg) for arg in flow_list(path(services["init"], "command"))]
     assert command[:4] == ["python", "-m", "service.demo", "--no-serve"]
     args, training_args = demo.parse_args(command[3:])  # the CLI's own parser accepts them
     assert args.no_serve and training_args == []
     env = children(path(services["api"], "environment"))
-    assert str(args.bundle) == re.fullmatch(r"\$\{CENTERID_BUNDLE:-(.+)\}", env["CENTERID_BUNDLE"])[1]
+    assert str(args.bundle) == defaults(env["CENTERID_BUNDLE"])
+    assert args.port == 8000 and args.samples_shown_as == "./samples"
     assert str(args.gallery) == env["CENTERID_DATA_DIR"]
     init_mounts = path(services["init"], "volumes")
     for folder in (args.bundle.parent, args.gallery, args.samples):
