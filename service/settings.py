@@ -28,7 +28,7 @@ def _split_keys(value: object) -> str:
 
 
 class Settings(BaseSettings):
-    """Everything the service reads from its environment; see docs/service.md for the table."""
+    """Everything the service reads from its environment (``CENTERID_<FIELD>``, case-insensitive)."""
 
     model_config = SettingsConfigDict(env_prefix="CENTERID_", extra="ignore")
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Faces, orl_bytes, service_settings, unit
+from conftest import Faces, orl_bytes, service_client, service_settings, unit
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -221,3 +223,32 @@ def test_every_route_is_documented_with_examples(client: TestClient) -> None:
     for name in ("EmbedResponse", "VerifyResponse", "IdentifyResponse", "EnrollResponse", "GalleryPage", "Info"):
         assert schemas[name].get("examples"), name
     assert "ErrorResponse" in str(spec["paths"]["/identify"]["post"]["responses"]["415"])
+
+
+@pytest.mark.parametrize("index_kind", ["hnsw", "ivf"])
+def test_approximate_indexes_serve_the_same_answers(
+    bundle_dir: Path, faces: Faces, tmp_path: Path, index_kind: str
+) -> None:
+    people = faces.holdout[:6]
+    answers = {}
+    for kind in ("flat", index_kind):
+        with service_client(bundle_dir, tmp_path / kind, index_kind=kind) as client:
+            for person in people:
+                enroll(client, faces, person, (1, 2))
+            assert client.get("/info").json()["gallery"]["index"] == kind
+            answers[kind] = [identify(client, faces, p, 5, k="3")["matches"] for p in people]
+    assert answers[index_kind] == answers["flat"]  # six identities: the approximate index is exact here
+
+
+def test_a_bundle_without_threshold_needs_one_per_request(bundle_dir: Path, faces: Faces, tmp_path: Path) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    metadata = json.loads((copy / "bundle.json").read_text())
+    (copy / "bundle.json").write_text(json.dumps({**metadata, "threshold": None}))
+    with service_client(copy, tmp_path / "gallery") as client:
+        assert client.get("/info").json()["threshold"]["source"] == "none"
+        probe = files(faces, "image", (faces.holdout[0], 1))
+        response = client.post("/identify", files=probe)
+        assert response.status_code == 422 and response.json()["error"]["message"].startswith("threshold:")
+        answer = client.post("/identify", files=probe, data={"threshold": "0.5"}).json()
+        assert answer["threshold"] == 0.5

@@ -1,0 +1,318 @@
+"""Serving load test: throughput and latency of a real uvicorn server, batching on and off.
+
+    python -m bench.serve_load                       # ≈ 2-3 min on 2 cores
+    python -m bench.serve_load --requests 1000 --concurrency 1 8 32 64 128 --max-seconds 60
+
+Starts ``uvicorn service.app:app`` on 127.0.0.1 (a free port) with a bundle of the training job's default
+face network (random weights unless ``--bundle``: speed does not depend on the weights), enrolls a small
+gallery, then drives ``/embed`` (one image) and ``/identify`` with a bounded async load generator (a fixed
+number of requests per concurrency level, with a time cap). The server is restarted with
+``CENTERID_MAX_BATCH=1`` for the no-batching baseline. The ceiling is the same model's in-process forward
+throughput at the server's max batch. The load generator runs on the same machine as the server and
+competes with it for the cores; the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from service.settings import available_cores
+from training.bundle import Threshold, load_bundle, save_bundle
+from training.datasets import orl_source_dir
+from training.models import build_model
+from training.preprocess import InputSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Level:
+    mode: str  # batching | no batching
+    endpoint: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    throughput: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_batch: float
+    server_cpu_ms: float  # server process CPU time per request (all its threads)
+    client_cpu_ms: float  # load generator CPU time per request
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path, help="serve this bundle instead of a random-weight default network")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--image-size", type=int, nargs=2, default=(64, 56), metavar=("H", "W"))
+    p.add_argument("--feat-dim", type=int, default=128)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--endpoints", nargs="+", default=["embed", "identify"], choices=["embed", "identify"])
+    p.add_argument("--requests", type=int, default=300, help="requests per (mode, endpoint, concurrency) level")
+    p.add_argument("--max-seconds", type=float, default=15.0, help="time cap per level")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--torch-threads", type=int, default=0, help="server's CENTERID_TORCH_THREADS (0 = its default)")
+    p.add_argument("--gallery", type=int, default=200, help="entries enrolled before /identify runs")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    return p.parse_args(argv)
+
+
+# -- inputs ------------------------------------------------------------------------------------------------
+def default_bundle(folder: Path, args: argparse.Namespace) -> Path:
+    torch.manual_seed(0)
+    kwargs = {"in_channels": 1, "image_size": tuple(args.image_size), "feat_dim": args.feat_dim}
+    if args.arch.startswith("resnet"):
+        kwargs["width"] = args.width
+    model = build_model(args.arch, **kwargs).eval()
+    spec = InputSpec(channels=1, height=args.image_size[0], width=args.image_size[1])
+    centers = F.normalize(torch.randn(40, args.feat_dim), dim=1)
+    threshold = Threshold(value=0.5, target_far=1e-3)
+    return save_bundle(folder / "bundle", model, spec, centers, [f"c{i}" for i in range(40)], threshold=threshold)
+
+
+def payloads() -> list[bytes]:
+    """The 400 ORL faces as uploaded files (PGM, about 10 KB each)."""
+    root = orl_source_dir()
+    return [(root / f"s{i}" / f"{j}.pgm").read_bytes() for i in range(1, 41) for j in range(1, 11)]
+
+
+def ceiling(bundle_dir: Path, batch: int, threads: int, seconds: float = 5.0) -> float:
+    """Images/s of the bare model at ``batch`` (forward + normalisation), in this process."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bundle = load_bundle(bundle_dir)
+        root = orl_source_dir()
+        images = [Image.open(root / f"s{1 + i % 40}" / f"{1 + i % 10}.pgm") for i in range(batch)]
+        tensor = bundle.preprocess.batch(images)
+        with torch.inference_mode():
+            for _ in range(3):
+                bundle.model(tensor)
+            started, done = time.perf_counter(), 0
+            while time.perf_counter() - started < seconds:
+                F.normalize(bundle.model(tensor), dim=1).numpy()
+                done += batch
+        return done / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous)
+
+
+# -- server ------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, bundle: Path, data_dir: Path, max_batch: int, args: argparse.Namespace, log: Path) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        env = {
+            **os.environ,
+            "CENTERID_BUNDLE": str(bundle),
+            "CENTERID_DATA_DIR": str(data_dir),
+            "CENTERID_MAX_BATCH": str(max_batch),
+            "CENTERID_MAX_WAIT_MS": str(args.max_wait_ms),
+            "CENTERID_LOG_LEVEL": "warning",
+        }
+        if args.torch_threads:
+            env["CENTERID_TORCH_THREADS"] = str(args.torch_threads)
+        port = self.url.rsplit(":", 1)[1]
+        command = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", port]
+        command += ["--log-level", "warning", "--no-access-log"]
+        self.log = log
+        with log.open("ab") as sink:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server not ready in time")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# -- load --------------------------------------------------------------------------------------------------
+def batch_stats(metrics: str) -> tuple[float, float]:
+    def value(name: str) -> float:
+        match = re.search(rf"^{name} (\S+)$", metrics, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    return value("centerid_batch_size_sum"), value("centerid_batch_size_count")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_level(
+    url: str, pid: int, mode: str, endpoint: str, concurrency: int, count: int, cap: float, faces: list[bytes]
+) -> Level:
+    field = "files" if endpoint == "embed" else "image"
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        for i in range(min(concurrency, 8)):  # warm the connections
+            await client.post(f"/{endpoint}", files={field: faces[i]})
+        before = batch_stats((await client.get("/metrics")).text)
+        latencies: list[float] = []
+        errors = 0
+        issued = 0
+        server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
+        started = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < count and time.perf_counter() - started < cap:
+                face = faces[issued % len(faces)]
+                issued += 1
+                sent = time.perf_counter()
+                try:
+                    response = await client.post(f"/{endpoint}", files={field: face})
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - sent)
+                errors += not ok
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        server_cpu, client_cpu = cpu_seconds(pid) - server_cpu, time.process_time() - client_cpu
+        after = batch_stats((await client.get("/metrics")).text)
+    batches = after[1] - before[1]
+    ms = np.array(latencies) * 1000
+    return Level(
+        mode=mode,
+        endpoint=endpoint,
+        concurrency=concurrency,
+        requests=len(latencies),
+        errors=errors,
+        seconds=round(elapsed, 2),
+        throughput=len(latencies) / elapsed,
+        p50_ms=float(np.percentile(ms, 50)),
+        p95_ms=float(np.percentile(ms, 95)),
+        p99_ms=float(np.percentile(ms, 99)),
+        mean_batch=(after[0] - before[0]) / batches if batches else 0.0,
+        server_cpu_ms=1000 * server_cpu / max(len(latencies), 1),
+        client_cpu_ms=1000 * client_cpu / max(len(latencies), 1),
+    )
+
+
+def enroll(url: str, faces: list[bytes], entries: int) -> None:
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for start in range(0, entries, 10):
+            files = [("files", faces[i % len(faces)]) for i in range(start, min(start + 10, entries))]
+            response = client.post("/gallery", files=files, data={"label": f"person{start // 10}"})
+            response.raise_for_status()
+
+
+def measure_mode(mode: str, max_batch: int, bundle: Path, work: Path, args: argparse.Namespace) -> list[Level]:
+    faces = payloads()
+    server = Server(bundle, work / f"gallery-{max_batch}", max_batch, args, work / "server.log")
+    try:
+        server.wait_ready()
+        enroll(server.url, faces, args.gallery)
+        levels = []
+        for endpoint in args.endpoints:
+            for concurrency in args.concurrency:
+                target = (server.url, server.process.pid, mode, endpoint)
+                level = asyncio.run(run_level(*target, concurrency, args.requests, args.max_seconds, faces))
+                print(format_row(level), flush=True)
+                levels.append(level)
+        return levels
+    finally:
+        server.stop()
+
+
+# -- report ------------------------------------------------------------------------------------------------
+HEADER = (
+    "| mode | endpoint | concurrency | requests | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch "
+    "| server CPU ms/req | client CPU ms/req |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def format_row(level: Level) -> str:
+    return (
+        f"| {level.mode} | /{level.endpoint} | {level.concurrency} | {level.requests} | {level.errors} | "
+        f"{level.throughput:.1f} | {level.p50_ms:.1f} | {level.p95_ms:.1f} | {level.p99_ms:.1f} | "
+        f"{level.mean_batch:.1f} | {level.server_cpu_ms:.1f} | {level.client_cpu_ms:.1f} |"
+    )
+
+
+def goals(levels: list[Level], ceiling_ips: float) -> list[str]:
+    def find(mode: str, endpoint: str, concurrency: int) -> Level | None:
+        return next((x for x in levels if (x.mode, x.endpoint, x.concurrency) == (mode, endpoint, concurrency)), None)
+
+    lines = []
+    batched, unbatched = find("batching", "embed", 32), find("no batching", "embed", 32)
+    if batched:
+        share = batched.throughput / ceiling_ips
+        lines.append(f"/embed at c=32: {share:.0%} of the ceiling (goal ≥ 80%): {'met' if share >= 0.8 else 'NOT met'}")
+    if batched and unbatched:
+        gain = batched.throughput / unbatched.throughput
+        lines.append(f"batching vs none at c=32: {gain:.1f}× (goal ≥ 3×): {'met' if gain >= 3 else 'NOT met'}")
+    errors = sum(x.errors for x in levels)
+    lines.append(f"errors: {errors} (goal 0): {'met' if errors == 0 else 'NOT met'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        work = Path(tmp)
+        bundle = args.bundle or default_bundle(work, args)
+        meta = load_bundle(bundle).metadata
+        threads = args.torch_threads or max(1, available_cores() - 1)
+        print(f"model: {meta['arch']['name']} {meta['arch']['kwargs']}; server torch threads: {threads}", flush=True)
+        ceiling_ips = ceiling(bundle, args.max_batch, threads)
+        print(f"ceiling (in-process forward, batch {args.max_batch}): {ceiling_ips:.1f} images/s", flush=True)
+        print(HEADER, flush=True)
+        levels = measure_mode("batching", args.max_batch, bundle, work, args)
+        levels += measure_mode("no batching", 1, bundle, work, args)
+    verdicts = goals(levels, ceiling_ips)
+    print("\n".join(verdicts))
+    if args.json:
+        payload = {"ceiling_images_per_s": ceiling_ips, "levels": [asdict(x) for x in levels], "goals": verdicts}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
