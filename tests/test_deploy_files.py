@@ -77,6 +77,8 @@ def test_reader_reads_nested_blocks() -> None:
 
 def test_services_and_volumes(compose: str, services: dict[str, str]) -> None:
     assert {"init", "api", "train", "train-gpu"} <= set(services)
+    assert "build" in children(services["api"]) and "build" not in children(services["init"])  # one build of the image
+    assert path(services["api"], "image") == path(services["init"], "image") == "centerid:latest"
     assert {"bundles", "gallery", "samples"} <= set(children(children(compose)["volumes"]))
 
 
