@@ -3,6 +3,7 @@ scikit-learn's 8×8 digits (36 per class + one corrupt file per class), LeNets++
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -33,7 +34,8 @@ VERIFICATION_KEYS = {"positive_pairs", "negative_pairs", "auc", "tar_at_far", "t
 def run_cli(
     *args: str, module: str = "training", env_extra: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    # one thread: on a shared 2-core machine several threads per process cost more CPU than they save
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)  # fmt: skip
 
@@ -171,7 +173,7 @@ def test_torchrun_two_processes_gloo(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     args = ["--standalone", "--nproc_per_node=2", "-m", "training", "--data", str(digits), "--output", str(out),
             *TRAIN_ARGS, "--epochs", "2"]  # fmt: skip
-    result = run_cli(*args, module="torch.distributed.run", env_extra={"OMP_NUM_THREADS": "1"})
+    result = run_cli(*args, module="torch.distributed.run")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
     bundle = load_bundle(out)
@@ -218,3 +220,32 @@ def test_bad_cli_input_subprocess_has_no_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_schedule_warmup_then_cosine_or_steps() -> None:
+    config = train.TrainConfig(data="", output="", epochs=10, warmup_epochs=2)
+    factors = [train.lr_factor(step, 5, config) for step in range(50)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == 1.0 and all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert factors[30] == pytest.approx(0.5 * (1 + np.cos(np.pi * 20 / 40)))
+    steps = train.TrainConfig(data="", output="", epochs=10, warmup_epochs=0, schedule="step")
+    assert [train.lr_factor(s, 5, steps) for s in (0, 24, 25, 37, 38, 49)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
+    short = train.TrainConfig(data="", output="", epochs=3, warmup_epochs=5)  # warm-up capped at 1 of 3 epochs
+    expected = [0.5, 1.0] + [0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)]
+    assert [train.lr_factor(s, 2, short) for s in range(6)] == pytest.approx(expected)
+
+
+def test_centers_are_not_optimised_and_no_decay_on_1d_params() -> None:
+    config = train.TrainConfig(data="", output="", arch="resnet18", width=4, image_size=(16, 16), feat_dim=8)
+    runtime = train.Runtime(rank=0, world=1, device=torch.device("cpu"))
+    trainer = train.build_trainer(config, runtime, num_classes=5, steps_per_epoch=3)
+    optimised = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    centers = trainer.center_loss.centers
+    assert all(p.data_ptr() != centers.data_ptr() for p in optimised) and not centers.requires_grad
+    assert "centers" in trainer.center_loss.state_dict() and not list(trainer.center_loss.parameters())
+    decayed, plain = trainer.optimizer.param_groups
+    assert decayed["weight_decay"] == config.weight_decay and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert len(optimised) == len(list(trainer.net.parameters()))

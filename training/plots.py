@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -69,16 +70,29 @@ def plot_features_2d(
         features, labels = features[keep], labels[keep]
     cmap = plt.get_cmap("tab10" if len(centers) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(7, 7))
+    handles = []
     for c in range(len(centers)):
         colour = cmap(c % cmap.N)
-        name = class_names[c] if class_names else str(c)
         mask = labels == c
-        ax.scatter(features[mask, 0], features[mask, 1], s=4, alpha=0.5, color=colour, label=name)
-        ax.scatter(*centers[c], marker="*", s=250, color=colour, edgecolors="black", linewidths=1.2)
-    ax.scatter([], [], marker="*", s=150, color="white", edgecolors="black", label="centers")
+        ax.scatter(features[mask, 0], features[mask, 1], s=4, alpha=0.5, color=colour)
+        ax.scatter(*centers[c], marker="*", s=250, color=colour, edgecolors="black", linewidths=1.2, zorder=3)
+        name = class_names[c] if class_names else str(c)
+        handles.append(Line2D([], [], marker="o", linestyle="", color=colour, label=name))
+    handles.append(
+        Line2D(
+            [],
+            [],
+            marker="*",
+            markersize=12,
+            linestyle="",
+            color="white",
+            markeredgecolor="black",
+            label="class centers",
+        )
+    )
     ax.set(xlabel="feature 1", ylabel="feature 2", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(markerscale=3 if len(centers) <= 20 else 1, fontsize="small", ncol=1 + len(centers) // 20, loc="best")
+    ax.legend(handles=handles, fontsize="small", ncol=1 + len(centers) // 20, loc="best")
     return _save(fig, path)
 
 

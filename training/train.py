@@ -167,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.schedule,
         help="after warm-up: cosine, or ×0.1 at 50%% and 75%%",
     )
-    add("--warmup-epochs", type=int, default=d.warmup_epochs, help="epochs of linear learning-rate warm-up")
+    add(
+        "--warmup-epochs",
+        type=int,
+        default=d.warmup_epochs,
+        help="epochs of linear lr warm-up (at most half the epochs)",
+    )
     add(
         "--weight-decay", type=float, default=d.weight_decay, help="on conv/linear weights, never centers (paper: 5e-4)"
     )
@@ -338,8 +343,11 @@ def build_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimize
 
 
 def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
-    """Linear warm-up from lr/warmup_steps, then cosine to 0 or ×0.1 steps, per optimizer step."""
-    warmup = config.warmup_epochs * steps_per_epoch
+    """Linear warm-up from lr/warmup_steps, then cosine to 0 or ×0.1 steps, per optimizer step.
+
+    Warm-up takes at most half the run, so that a short run still ends at a low learning rate.
+    """
+    warmup = min(config.warmup_epochs, config.epochs // 2) * steps_per_epoch
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, config.epochs * steps_per_epoch - warmup)
@@ -674,7 +682,7 @@ def finish(
         heldout, closed, centers.numpy(), logits, config.target_far, config.seed
     )
     results.update(flip_tta=config.flip_tta, pairs_from=calibrated_on)
-    write_plots(output, history, positive, negative, closed, centers, config)
+    write_plots(output, history, positive, negative, closed, centers, split.train_classes, config)
     threshold = Threshold(**results["threshold"]) if results.get("threshold") else None
     training = {
         "config": config.to_dict(),
@@ -699,6 +707,7 @@ def write_plots(
     negative: np.ndarray,
     closed: tuple[np.ndarray, np.ndarray] | None,
     centers: torch.Tensor,
+    class_names: list[str],
     config: TrainConfig,
 ) -> None:
     folder = output / "plots"
@@ -715,7 +724,8 @@ def write_plots(
             closed[1],
             centers.numpy(),
             folder / "features_2d.png",
-            f"Test features and centers (λ={config.center_weight:g})",
+            f"Test features and centers (λ={config.center_weight:g}, α={config.center_alpha:g})",
+            class_names,
         )
 
 
