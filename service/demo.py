@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ def say(message: str) -> None:
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker's content, or None while the folder is incomplete (no marker, or still marked partial)."""
+    if (folder / PARTIAL).exists():
+        return None
     try:
         return json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
@@ -82,8 +86,9 @@ def claim(folder: Path) -> None:
     if children and not ((folder / MARKER).exists() or (folder / PARTIAL).exists()):
         raise DemoError(f"{folder} is not empty and was not made by the demo: remove it or choose another path")
     (folder / PARTIAL).touch()
+    (folder / MARKER).unlink(missing_ok=True)  # before any content goes
     for child in children:
-        if child.name == PARTIAL:
+        if child.name in (PARTIAL, MARKER):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
@@ -140,6 +145,8 @@ def ensure_bundle(bundle: Path, data: Path, holdout: int, training_args: list[st
     try:
         read_metadata(bundle)
         say(f"reusing the bundle in {bundle} (delete it to retrain)")
+        if training_args:
+            say(f"training arguments not used: {shlex.join(training_args)}")
         return
     except BundleError:
         pass
@@ -188,9 +195,12 @@ def cast_demo(data: Path, holdout: list[str], unknown: int, enroll_images: int) 
 def ensure_gallery(gallery_dir: Path, bundle: Bundle, embedder: Embedder, data: Path, cast: Cast) -> None:
     """Enroll the cast through the service's own decoding, preprocessing, model and durable gallery."""
     content = {"fingerprint": bundle.fingerprint, "enrolled": cast.enrolled}
-    if read_marker(gallery_dir) == content:
+    marker = read_marker(gallery_dir)
+    if marker == content:
         say(f"reusing the gallery in {gallery_dir}")
         return
+    if marker is not None:
+        say(f"the demo gallery in {gallery_dir} was made for another bundle or cast: rebuilding it")
     claim(gallery_dir)
     with Gallery.open(gallery_dir, bundle.feat_dim, bundle.fingerprint) as gallery:
         for name, images in cast.enrolled.items():
@@ -312,7 +322,8 @@ def announce_when_ready(base_url: str, lines: list[str], timeout: float = 300.0)
             time.sleep(0.3)
 
 
-def serve(bundle: Path, gallery_dir: Path, host: str, port: int, lines_for: Any) -> None:
+def serve(bundle: Path, gallery_dir: Path, host: str, port: int, lines_for: Callable[[str, bool], list[str]]) -> None:
+    """Run uvicorn in this process; ``lines_for(base_url, needs_key)`` gives the curl lines to announce."""
     import uvicorn
 
     from service.app import create_app
@@ -320,7 +331,7 @@ def serve(bundle: Path, gallery_dir: Path, host: str, port: int, lines_for: Any)
 
     settings = Settings(bundle=bundle, data_dir=gallery_dir, host=host, port=port)  # other CENTERID_* still apply
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    lines = lines_for(base_url, settings.auth_enabled)
+    lines = lines_for(base_url, bool(settings.api_key_list))
     threading.Thread(target=announce_when_ready, args=(base_url, lines), daemon=True).start()
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level)
 

@@ -153,3 +153,13 @@ def test_a_folder_the_demo_did_not_make_is_left_alone(demo_root: Path, capsys: p
     assert demo.main(demo_args(demo_root, gallery=foreign.name, samples="samples3")) == 2
     assert (foreign / "precious.txt").read_text() == "keep me" and len(list(foreign.iterdir())) == 1
     assert "not made by the demo" in capsys.readouterr().err
+
+
+def test_a_marker_beside_the_partial_flag_is_not_trusted(tmp_path: Path) -> None:
+    demo.claim(tmp_path)
+    (tmp_path / demo.MARKER).write_text('{"done": true}')  # e.g. a crash between marker and flag removal
+    assert demo.read_marker(tmp_path) is None
+    demo.mark_complete(tmp_path, {"done": True})
+    assert demo.read_marker(tmp_path) == {"done": True} and not (tmp_path / demo.PARTIAL).exists()
+    demo.claim(tmp_path)  # a rebuild starts by un-completing the folder
+    assert demo.read_marker(tmp_path) is None and not (tmp_path / demo.MARKER).exists()
