@@ -6,16 +6,17 @@
 Starts ``uvicorn service.app:app`` on 127.0.0.1 (a free port) with a bundle of the training job's default
 face network (random weights unless ``--bundle``: speed does not depend on the weights), enrolls a small
 gallery, then drives ``/embed`` (one image) and ``/identify`` with a bounded async load generator (a fixed
-number of requests per concurrency level, with a time cap). The server is restarted with
-``CENTERID_MAX_BATCH=1`` for the no-batching baseline. The ceiling is the same model's in-process forward
-throughput at the server's max batch. The load generator runs on the same machine as the server and
-competes with it for the cores; the report says so.
+number of requests per concurrency level, with a time cap). A second server with ``CENTERID_MAX_BATCH=1``
+is the no-batching baseline; both run side by side and the levels alternate between them. The ceiling is
+the same model's in-process forward throughput at the server's max batch. The load generator runs on the
+same machine as the server and competes with it for the cores; the report says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -74,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--torch-threads", type=int, default=0, help="server's CENTERID_TORCH_THREADS (0 = its default)")
     p.add_argument("--gallery", type=int, default=200, help="entries enrolled before /identify runs")
+    p.add_argument(
+        "--client",
+        choices=["httpx", "raw"],
+        default="httpx",
+        help="httpx.AsyncClient, or prebuilt requests on raw keep-alive sockets (less CPU per request)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -176,40 +183,87 @@ def batch_stats(metrics: str) -> tuple[float, float]:
     return value("centerid_batch_size_sum"), value("centerid_batch_size_count")
 
 
+BOUNDARY = "centerid-bench-boundary"
+MULTIPART = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+def multipart(field: str, data: bytes) -> bytes:
+    """One-file multipart body, built once per face so the load generator spends its CPU on requests."""
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="face.pgm"\r\n'
+    head += "Content-Type: application/octet-stream\r\n\r\n"
+    return head.encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection sending prebuilt requests: a load generator that costs far less CPU
+    per request than a general-purpose client, so that more of the shared cores go to the server."""
+
+    def __init__(self, url: str) -> None:
+        self.host, port = url.removeprefix("http://").split(":")
+        self.port = int(port)
+
+    async def __aenter__(self) -> RawConnection:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.writer.close()
+
+    async def post(self, request: bytes) -> int:
+        self.writer.write(request)
+        await self.writer.drain()
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        await self.reader.readexactly(int(length.group(1)) if length else 0)
+        return int(head[9:12])
+
+
+def raw_request(endpoint: str, body: bytes) -> bytes:
+    head = f"POST /{endpoint} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {MULTIPART['content-type']}\r\n"
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
 async def run_level(
-    url: str, pid: int, mode: str, endpoint: str, concurrency: int, count: int, cap: float, faces: list[bytes]
+    url: str, pid: int, mode: str, endpoint: str, concurrency: int, args: argparse.Namespace, faces: list[bytes]
 ) -> Level:
     field = "files" if endpoint == "embed" else "image"
+    bodies = [multipart(field, face) for face in faces]
+    requests = [raw_request(endpoint, body) for body in bodies]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    errors = issued = 0
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        for i in range(min(concurrency, 8)):  # warm the connections
-            await client.post(f"/{endpoint}", files={field: faces[i]})
+        for i in range(min(concurrency, 8)):  # warm the server (and httpx's pool)
+            (await client.post(f"/{endpoint}", content=bodies[i], headers=MULTIPART)).raise_for_status()
         before = batch_stats((await client.get("/metrics")).text)
-        latencies: list[float] = []
-        errors = 0
-        issued = 0
         server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
         started = time.perf_counter()
 
         async def worker() -> None:
             nonlocal issued, errors
-            while issued < count and time.perf_counter() - started < cap:
-                face = faces[issued % len(faces)]
-                issued += 1
-                sent = time.perf_counter()
-                try:
-                    response = await client.post(f"/{endpoint}", files={field: face})
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                latencies.append(time.perf_counter() - sent)
-                errors += not ok
+            async with contextlib.AsyncExitStack() as stack:
+                raw = await stack.enter_async_context(RawConnection(url)) if args.client == "raw" else None
+                while issued < args.requests and time.perf_counter() - started < args.max_seconds:
+                    index = issued % len(bodies)
+                    issued += 1
+                    sent = time.perf_counter()
+                    try:
+                        if raw is not None:
+                            status = await raw.post(requests[index])
+                        else:
+                            status = (
+                                await client.post(f"/{endpoint}", content=bodies[index], headers=MULTIPART)
+                            ).status_code
+                    except (httpx.HTTPError, OSError, asyncio.IncompleteReadError):
+                        status = 0
+                    latencies.append(time.perf_counter() - sent)
+                    errors += status != 200
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
@@ -242,22 +296,28 @@ def enroll(url: str, faces: list[bytes], entries: int) -> None:
             response.raise_for_status()
 
 
-def measure_mode(mode: str, max_batch: int, bundle: Path, work: Path, args: argparse.Namespace) -> list[Level]:
+def measure(bundle: Path, work: Path, args: argparse.Namespace) -> list[Level]:
+    """Both servers run side by side (an idle one costs nothing) and each level is measured on one right
+    after the other, so that both modes see the same background load on a shared machine."""
     faces = payloads()
-    server = Server(bundle, work / f"gallery-{max_batch}", max_batch, args, work / "server.log")
+    modes = {"batching": args.max_batch, "no batching": 1}
+    servers = {mode: Server(bundle, work / mode, batch, args, work / "server.log") for mode, batch in modes.items()}
     try:
-        server.wait_ready()
-        enroll(server.url, faces, args.gallery)
+        for server in servers.values():
+            server.wait_ready()
+            enroll(server.url, faces, args.gallery)
         levels = []
         for endpoint in args.endpoints:
             for concurrency in args.concurrency:
-                target = (server.url, server.process.pid, mode, endpoint)
-                level = asyncio.run(run_level(*target, concurrency, args.requests, args.max_seconds, faces))
-                print(format_row(level), flush=True)
-                levels.append(level)
+                for mode, server in servers.items():
+                    target = (server.url, server.process.pid, mode, endpoint)
+                    level = asyncio.run(run_level(*target, concurrency, args, faces))
+                    print(format_row(level), flush=True)
+                    levels.append(level)
         return levels
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -304,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         ceiling_ips = ceiling(bundle, args.max_batch, threads)
         print(f"ceiling (in-process forward, batch {args.max_batch}): {ceiling_ips:.1f} images/s", flush=True)
         print(HEADER, flush=True)
-        levels = measure_mode("batching", args.max_batch, bundle, work, args)
-        levels += measure_mode("no batching", 1, bundle, work, args)
+        levels = measure(bundle, work, args)
     verdicts = goals(levels, ceiling_ips)
     print("\n".join(verdicts))
     if args.json:

@@ -74,12 +74,14 @@ class Arrival:
     """A request on its way to the queue (see :meth:`Embedder.announce`); closed once it has submitted."""
 
     def __init__(self, embedder: Embedder) -> None:
-        self._embedder: Embedder | None = embedder
+        self.open = True
+        self._embedder = embedder
 
     def close(self) -> None:
-        if self._embedder is not None:
-            self._embedder._arrived()
-            self._embedder = None
+        """Give up without submitting (the upload did not decode): a waiting worker must stop waiting."""
+        if self.open:
+            self.open = False
+            self._embedder._arrived(nudge=True)
 
 
 class Embedder:
@@ -155,22 +157,18 @@ class Embedder:
         finally:
             arrival.close()
 
-    def _arrived(self) -> None:
+    def _arrived(self, nudge: bool) -> None:
         with self._lock:
             self._arriving -= 1
             idle = self._arriving == 0
-        if idle:
+        if idle and nudge:
             self._queue.put(_NUDGE)
 
     async def embed(self, batch: torch.Tensor, arrival: Arrival | None = None) -> np.ndarray:
         """Embed a preprocessed N×C×H×W batch; awaits this request's N rows."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        try:
-            self._submit(_Job(batch, future, loop))
-        finally:
-            if arrival is not None:  # after the put: the worker sees the job before the count drops
-                arrival.close()
+        self._submit(_Job(batch, future, loop), arrival)
         return await future
 
     def embed_sync(self, batch: torch.Tensor) -> np.ndarray:
@@ -194,14 +192,17 @@ class Embedder:
         for size in sorted({1, self.max_batch}):
             self.embed_sync(torch.zeros(size, spec.channels, spec.height, spec.width))
 
-    def _submit(self, job: _Job) -> None:
+    def _submit(self, job: _Job, arrival: Arrival | None = None) -> None:
         if self._stopped or self._thread is None:
             raise NotReady("the inference worker is not running")
         if job.batch.ndim != 4 or job.batch.shape[0] == 0:
             raise ValueError(f"expected a non-empty N×C×H×W batch, got shape {tuple(job.batch.shape)}")
-        with self._lock:
+        with self._lock:  # the job itself wakes the worker: no nudge, no extra thread switch
             self._queued_rows += job.batch.shape[0]
-        self._queue.put(job)
+            if arrival is not None and arrival.open:
+                arrival.open = False
+                self._arriving -= 1
+            self._queue.put(job)
 
     # -- worker ------------------------------------------------------------------------------------------
     def _run(self) -> None:
