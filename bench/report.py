@@ -18,10 +18,11 @@ from bench.common import RESULTS_DIR, ROOT
 
 BENCH_ORDER = ("paper_mnist", "faces_orl", "sensitivity")
 # (title, curated doc of its owner, raw table of the latest `bench.run_all` run): both included verbatim
-SECTIONS = (
-    ("Center-loss op", "docs/benchmarks_center_loss.md", "bench/results/center_loss_op.md"),
-    ("Serving and gallery", "docs/benchmarks_service.md", "bench/results/service.md"),
-)
+SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("Center-loss op", "docs/benchmarks_center_loss.md", ("bench/results/raw/center_loss_op.md",)),
+    ("Serving and gallery", "docs/benchmarks_service.md",
+     ("bench/results/raw/serve_load.json", "bench/results/raw/gallery_scale.json")),
+)  # fmt: skip
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 
 
@@ -185,20 +186,29 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
-def render_section(title: str, path: Path, latest: Path | None = None) -> str:
-    """Another engineer's curated markdown, verbatim, then the raw table of the latest run_all run."""
+def render_latest(path: Path) -> list[str]:
+    """A raw output of the latest run_all run: markdown nested under ours, JSON folded in a code block."""
+    title = f"### Latest `bench.run_all` run (`{_rel(path)}`, verbatim)"
+    if path.suffix == ".json":
+        return [title, "", "<details><summary>raw JSON</summary>", "", "```json", path.read_text().strip(), "```",
+                "", "</details>", ""]  # fmt: skip
+    return [title, "", demote_headings(path.read_text().strip(), 3), ""]
+
+
+def render_section(title: str, path: Path, latest: Sequence[Path] = ()) -> str:
+    """Another engineer's curated markdown, verbatim, then the raw outputs of the latest run_all run."""
     parts = [f"## {title}", ""]
     if path.is_file():
         parts += [f"_Included verbatim from `{_rel(path)}`._", "", demote_headings(path.read_text().strip(), 2), ""]
     else:
         parts += [f"_`{_rel(path)}` was not written yet._", ""]
-    if latest is not None and latest.is_file():
-        parts += [f"### Latest `bench.run_all` run (`{_rel(latest)}`, verbatim)", ""]
-        parts += [demote_headings(latest.read_text().strip(), 3), ""]
+    for raw in latest:
+        if raw.is_file():
+            parts += render_latest(raw)
     return "\n".join(parts)
 
 
-def build_report(results: dict[str, dict[str, Any]], sections: Sequence[tuple[str, Path, Path | None]]) -> str:
+def build_report(results: dict[str, dict[str, Any]], sections: Sequence[tuple[str, Path, Sequence[Path]]]) -> str:
     """The whole markdown document: summary table, one section per bench, the included sections, and
     everything that was not run, gathered at the end."""
     parts = [
@@ -226,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of results JSON files")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file to write")
     args = parser.parse_args(argv)
-    sections = [(title, ROOT / doc, ROOT / latest) for title, doc, latest in SECTIONS]
+    sections = [(title, ROOT / doc, [ROOT / raw for raw in latest]) for title, doc, latest in SECTIONS]
     report = build_report(load_results(args.results), sections)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

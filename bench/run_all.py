@@ -16,13 +16,16 @@ from pathlib import Path
 from bench.common import ROOT, display_command
 
 # (module, extra args for --quick, extra args for --full, whether it takes --device cpu|cuda|auto)
-# The op and serving benches write their raw tables under bench/results/; the curated docs/benchmarks_*.md
-# of their owners are never overwritten, and the report shows both.
+# The op and serving benches write their raw output under bench/results/raw/; the curated
+# docs/benchmarks_*.md of their owners are never overwritten, and the report shows both.
 STEPS: tuple[tuple[str, list[str], list[str], bool], ...] = (
-    ("bench.center_loss_op", ["--quick", "--markdown", "bench/results/center_loss_op.md"],
-     ["--markdown", "bench/results/center_loss_op.md"], False),
-    ("bench.serving", ["--quick", "--markdown", "bench/results/service.md"],
-     ["--markdown", "bench/results/service.md"], False),
+    ("bench.center_loss_op", ["--quick", "--markdown", "bench/results/raw/center_loss_op.md"],
+     ["--markdown", "bench/results/raw/center_loss_op.md"], False),
+    ("bench.serve_load", ["--concurrency", "1", "8", "--requests", "100", "--max-seconds", "5",
+                          "--json", "bench/results/raw/serve_load.json"],
+     ["--json", "bench/results/raw/serve_load.json"], False),
+    ("bench.gallery_scale", ["--quick", "--json", "bench/results/raw/gallery_scale.json"],
+     ["--json", "bench/results/raw/gallery_scale.json"], False),
     ("bench.paper_mnist", ["--quick"], ["--full"], True),
     ("bench.faces_orl", ["--quick"], ["--full"], True),
     ("bench.sensitivity", ["--quick"], ["--full"], True),
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.skip) - {step[0] for step in STEPS}
     if unknown:
         parser.error(f"--skip: unknown bench(es) {sorted(unknown)}; known: {[step[0] for step in STEPS]}")
+    (ROOT / "bench" / "results" / "raw").mkdir(parents=True, exist_ok=True)
     failed = []
     for command in plan(args.full, args.device, tuple(args.skip)):
         print(f"== {display_command(command)}", flush=True)

@@ -114,13 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     summary = [
         {
-            "figure": f"ORL sensitivity: best 10-fold acc. of the grid (λ = {best['lambda']:g}, α = {best['alpha']:g})",
-            "goal": "λ > 0 beats λ = 0" + (f" ({100 * baseline['metrics']['ten_fold']:.2f} %)" if baseline else ""),
+            "figure": f"ORL sensitivity: best 10-fold acc. of the grid (λ = {best['lambda']:g}, α = {best['alpha']:g}) "
+            + (f"vs λ = 0: {100 * baseline['metrics']['ten_fold']:.2f} %" if baseline else "no λ = 0 point"),
+            "goal": "shape of Fig. 5 (indicative: one seed per point, best of several)",
             "measured": best["metrics"]["ten_fold"],
             "fmt": "pct",
-            "met": (best["lambda"] > 0 and best["metrics"]["ten_fold"] > baseline["metrics"]["ten_fold"])
-            if baseline
-            else None,
+            "met": None,  # a maximum over single-seed points is biased upwards: no pass/fail
         }
     ]
     payload = {

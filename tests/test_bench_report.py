@@ -138,12 +138,17 @@ def test_report_takes_every_number_from_results_and_merges_sections(tmp_path: Pa
     section.write_text("# Serving\n\n| p50 | 3.1 ms |\n")
     latest = tmp_path / "service_latest.md"
     latest.write_text("# Raw\n\n| p50 | 2.7 ms |\n")
+    raw_json = tmp_path / "serve_load.json"
+    raw_json.write_text('{"rps": 123.4}\n')
     results = load_results(results_dir)
     assert list(results) == ["paper_mnist", "faces_orl"]  # report order, not file-name order
 
     report = build_report(
         results,
-        [("Serving and gallery", section, latest), ("Center-loss op", tmp_path / "missing.md", tmp_path / "none.md")],
+        [
+            ("Serving and gallery", section, [latest, raw_json]),
+            ("Center-loss op", tmp_path / "missing.md", [tmp_path / "none.md"]),
+        ],
     )
     summary = report.split("## Summary", 1)[1].split("\n## ", 1)[0]
     assert "98.77 %" in summary and "83.12 ± 2.10 % (n=3)" in summary
@@ -156,6 +161,7 @@ def test_report_takes_every_number_from_results_and_merges_sections(tmp_path: Pa
     assert "#### Serving" not in report and "### Serving" in report and "| p50 | 3.1 ms |" in report
     assert "#### Raw" in report and "| p50 | 2.7 ms |" in report  # the latest raw table, nested one deeper
     assert report.index("| p50 | 3.1 ms |") < report.index("| p50 | 2.7 ms |")
+    assert '```json\n{"rps": 123.4}\n```' in report
     assert "`" + str(tmp_path / "missing.md") + "` was not written yet" in report
     assert "## What was not run" in report and "Mnist: the full 60k-image schedule (needs a GPU)" in report
 
@@ -224,6 +230,7 @@ def test_mnist_summary_judges_goals_against_the_lambda_zero_baseline() -> None:
         return {
             "lambda": lam,
             "closed_wall_s": 10.0,
+            "closed_bundle": {"classifier_accuracy": 0.9, "train_accuracy": 0.95},
             "closed": {"images": 100, "nearest_center_accuracy": closed, "euclidean_center_accuracy": closed,
                        "plot": IMG_DIR / f"x{lam}.png"},
             "open": {"tar_at_far_1e-2": tar, "rank1": rank1, "ten_fold_accuracy": 0.9, "auc": 0.95,
@@ -255,3 +262,27 @@ def test_faces_paired_deltas_subtract_the_same_seeds_baseline() -> None:
     assert result["demo", 0.01]["ten_fold"]["mean"] == pytest.approx(0.015)
     assert result["demo", 0.01]["ten_fold"]["std"] == pytest.approx(statistics.stdev([0.02, 0.01]))
     assert result["demo", 0.01]["rank1"] is None
+
+
+def test_faces_goal_needs_a_gain_larger_than_its_seed_spread() -> None:
+    import argparse
+
+    from bench.faces_orl import METRICS, aggregate, summarise
+
+    def cell(values: list[float]) -> dict:
+        runs = [{"seed": s, "metrics": dict.fromkeys([k for k, _, _ in METRICS], v)} for s, v in enumerate(values)]
+        return {"runs": runs, "aggregate": aggregate(runs)}
+
+    cells = {
+        ("demo", 0.0): cell([0.80, 0.90, 0.70]),
+        ("demo", 0.01): cell([0.82, 0.92, 0.72]),  # +2 points on every seed: consistent
+        ("demo", 0.1): cell([0.90, 0.85, 0.70]),  # +3.3 points on average, but −5..+10 per seed
+    }
+    rows = summarise(cells, argparse.Namespace(configs=["demo"], lambdas=[0.0, 0.01, 0.1]))
+    met = {
+        (r["figure"].split("λ = ")[1].split(" ")[0], r["figure"].split("Δ ")[1].split(" of")[0]): r["met"] for r in rows
+    }
+    assert met["0.01", "10-fold acc."] is True
+    assert met["0.1", "10-fold acc."] is False
+    consistent = next(r for r in rows if "λ = 0.01" in r["figure"] and "rank-1" in r["figure"])
+    assert consistent["measured"]["mean"] == pytest.approx(0.02)
