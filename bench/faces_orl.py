@@ -251,7 +251,7 @@ def not_run(args: argparse.Namespace) -> list[str]:
             missing.append(f"seeds {sorted(set(full['seeds']) - set(seeds))} of the {config} config")
     if missing:
         missing.append(
-            "all of it: `python -m bench.faces_orl --full` (about an hour or more on 2 CPU cores; a GPU helps)"
+            "the full version: `python -m bench.faces_orl --full` (hours on 2 shared CPU cores; a GPU helps)"
         )
     return missing
 
