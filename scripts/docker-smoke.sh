@@ -55,8 +55,9 @@ wait_healthy() {  # $1: timeout in seconds
 }
 
 started=$(date +%s)
-compose up -d  # returns once init has completed (api depends on it) and api is started
-wait_healthy 300
+# as the README says: --wait returns once init has completed (api depends on it) and api is healthy
+compose up -d --wait --wait-timeout 1800
+wait_healthy 5
 first_s=$(( $(date +%s) - started ))
 say "first up (init trained the demo) healthy after ${first_s} s"
 init_logs() { compose logs --no-color init; }  # captured first: `| grep -q` would SIGPIPE it under pipefail
@@ -93,8 +94,8 @@ say "/verify: pair and label answered"
 
 compose down
 started=$(date +%s)
-compose up -d
-wait_healthy 120
+compose up -d --wait --wait-timeout 300
+wait_healthy 5
 second_s=$(( $(date +%s) - started ))
 grep -q "reusing the bundle" <<<"$(init_logs)" || fail "the second init did not reuse the bundle"
 say "second up (volumes reused) healthy after ${second_s} s"
