@@ -187,12 +187,19 @@ def _rel(path: Path) -> str:
 
 
 def render_latest(path: Path) -> list[str]:
-    """A raw output of the latest run_all run: markdown nested under ours, JSON folded in a code block."""
-    title = f"### Latest `bench.run_all` run (`{_rel(path)}`, verbatim)"
+    """A raw output of the latest run_all run: markdown nested under ours, JSON folded in a code block,
+    preceded by the command, machine and date run_all noted for it (``provenance.json`` beside it)."""
+    parts = [f"### Latest `bench.run_all` output (`{_rel(path)}`, verbatim)", ""]
+    provenance_file = path.parent / "provenance.json"
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    entry = provenance.get(_rel(path))
+    if entry:
+        parts += [f"Command: `{entry['command']}`  ", f"Machine: {entry['machine']}; run on {entry['date']} (UTC), "
+                  f"wall time {format_number(entry['wall_s'], 's')}.", ""]  # fmt: skip
     if path.suffix == ".json":
-        return [title, "", "<details><summary>raw JSON</summary>", "", "```json", path.read_text().strip(), "```",
+        return [*parts, "<details><summary>raw JSON</summary>", "", "```json", path.read_text().strip(), "```",
                 "", "</details>", ""]  # fmt: skip
-    return [title, "", demote_headings(path.read_text().strip(), 3), ""]
+    return [*parts, demote_headings(path.read_text().strip(), 3), ""]
 
 
 def render_section(title: str, path: Path, latest: Sequence[Path] = ()) -> str:

@@ -8,12 +8,16 @@ fails is reported and the others still run; the exit status is non-zero if any f
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT, display_command
+from bench.common import RESULTS_DIR, ROOT, display_command, machine, utc_date
+from bench.report import machine_text
+
+RAW_DIR = RESULTS_DIR / "raw"
 
 # (module, extra args for --quick, extra args for --full, whether it takes --device cpu|cuda|auto)
 # The op and serving benches write their raw output under bench/results/raw/; the curated
@@ -24,7 +28,7 @@ STEPS: tuple[tuple[str, list[str], list[str], bool], ...] = (
     ("bench.serve_load", ["--concurrency", "1", "8", "--requests", "100", "--max-seconds", "5",
                           "--json", "bench/results/raw/serve_load.json"],
      ["--json", "bench/results/raw/serve_load.json"], False),
-    ("bench.gallery_scale", ["--quick", "--json", "bench/results/raw/gallery_scale.json"],
+    ("bench.gallery_scale", ["--quick", "--dims", "128", "--json", "bench/results/raw/gallery_scale.json"],
      ["--json", "bench/results/raw/gallery_scale.json"], False),
     ("bench.paper_mnist", ["--quick"], ["--full"], True),
     ("bench.faces_orl", ["--quick"], ["--full"], True),
@@ -54,6 +58,20 @@ def plan(full: bool, device: str, skip: tuple[str, ...] = ()) -> list[list[str]]
     return commands
 
 
+def record_raw_provenance(command: list[str], wall: float) -> None:
+    """The op/serving benches write raw files without metadata: note command, machine, date and wall time
+    beside them in ``RAW_DIR/provenance.json`` (keyed by the file), which the report prints with them."""
+    outputs = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg in ("--json", "--markdown")]
+    if not outputs:
+        return
+    path = RAW_DIR / "provenance.json"
+    provenance = json.loads(path.read_text()) if path.is_file() else {}
+    entry = {"command": display_command(command), "machine": machine_text(machine()), "date": utc_date(),
+             "wall_s": round(wall, 1)}  # fmt: skip
+    provenance.update(dict.fromkeys(outputs, entry))
+    path.write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.split("\n\n")[0])
     preset = parser.add_mutually_exclusive_group(required=True)
@@ -65,15 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.skip) - {step[0] for step in STEPS}
     if unknown:
         parser.error(f"--skip: unknown bench(es) {sorted(unknown)}; known: {[step[0] for step in STEPS]}")
-    (ROOT / "bench" / "results" / "raw").mkdir(parents=True, exist_ok=True)
+    RAW_DIR.mkdir(parents=True, exist_ok=True)
     failed = []
     for command in plan(args.full, args.device, tuple(args.skip)):
         print(f"== {display_command(command)}", flush=True)
         started = time.perf_counter()
         code = subprocess.run(command, cwd=ROOT, check=False).returncode
-        print(f"== exit {code} after {time.perf_counter() - started:.0f}s", flush=True)
+        wall = time.perf_counter() - started
+        print(f"== exit {code} after {wall:.0f}s", flush=True)
         if code != 0:
             failed.append(display_command(command))
+        else:
+            record_raw_provenance(command, wall)
     if failed:
         print("failed steps:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1

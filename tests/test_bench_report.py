@@ -140,6 +140,13 @@ def test_report_takes_every_number_from_results_and_merges_sections(tmp_path: Pa
     latest.write_text("# Raw\n\n| p50 | 2.7 ms |\n")
     raw_json = tmp_path / "serve_load.json"
     raw_json.write_text('{"rps": 123.4}\n')
+    provenance = {
+        "command": "python -m bench.serve_load --json x",
+        "machine": "2× Test",
+        "date": "2031-02-04",
+        "wall_s": 42,
+    }
+    (tmp_path / "provenance.json").write_text(json.dumps({str(raw_json): provenance}))
     results = load_results(results_dir)
     assert list(results) == ["paper_mnist", "faces_orl"]  # report order, not file-name order
 
@@ -162,6 +169,10 @@ def test_report_takes_every_number_from_results_and_merges_sections(tmp_path: Pa
     assert "#### Raw" in report and "| p50 | 2.7 ms |" in report  # the latest raw table, nested one deeper
     assert report.index("| p50 | 3.1 ms |") < report.index("| p50 | 2.7 ms |")
     assert '```json\n{"rps": 123.4}\n```' in report
+    assert (
+        "Command: `python -m bench.serve_load --json x`" in report
+        and "run on 2031-02-04 (UTC), wall time 42 s" in report
+    )
     assert "`" + str(tmp_path / "missing.md") + "` was not written yet" in report
     assert "## What was not run" in report and "Mnist: the full 60k-image schedule (needs a GPU)" in report
 
@@ -286,3 +297,18 @@ def test_faces_goal_needs_a_gain_larger_than_its_seed_spread() -> None:
     assert met["0.1", "10-fold acc."] is False
     consistent = next(r for r in rows if "λ = 0.01" in r["figure"] and "rank-1" in r["figure"])
     assert consistent["measured"]["mean"] == pytest.approx(0.02)
+
+
+def test_run_all_records_the_command_beside_each_raw_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.run_all as run_all
+
+    monkeypatch.setattr(run_all, "RAW_DIR", tmp_path)
+    run_all.record_raw_provenance(["python", "-m", "bench.gallery_scale", "--json", "bench/results/raw/g.json"], 12.34)
+    run_all.record_raw_provenance(["python", "-m", "bench.paper_mnist", "--quick"], 99.0)  # no raw output: no entry
+    provenance = json.loads((tmp_path / "provenance.json").read_text())
+    assert list(provenance) == ["bench/results/raw/g.json"]
+    assert (
+        provenance["bench/results/raw/g.json"]["command"]
+        == "python -m bench.gallery_scale --json bench/results/raw/g.json"
+    )
+    assert provenance["bench/results/raw/g.json"]["wall_s"] == 12.3
