@@ -501,7 +501,16 @@ def format_results(results: dict[str, Any]) -> str:
             ("  measured FAR / TAR", f"{_fmt(threshold['far'])} / {_fmt(threshold['tar'])}"),
         ]
     width = max((len(name) for name, _ in rows), default=0)
-    return "\n".join(f"{name:<{width}}  {_fmt(value)}" for name, value in rows)
+    lines = [f"{name:<{width}}  {_fmt(value)}" for name, value in rows]
+    return "\n".join(lines + [f"note: {note}" for note in _notes(results)])
+
+
+def _notes(tree: Any) -> list[str]:
+    """Every ``note`` in the results, depth first (what a number means or why it is missing)."""
+    if isinstance(tree, dict):
+        own = [str(v) for k, v in tree.items() if k.endswith("note")]
+        return own + [note for k, v in tree.items() if not k.endswith("note") for note in _notes(v)]
+    return []
 
 
 # -----------------------------------------------------------------------------

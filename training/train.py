@@ -77,7 +77,7 @@ class TrainConfig:
     data: str
     output: str
     arch: str = "resnet18"
-    feat_dim: int = 128
+    feat_dim: int = 512
     width: int = 16
     image_size: tuple[int, int] = (64, 56)
     channels: int = 1
@@ -451,8 +451,8 @@ class Trainer:
         )
         start = time.perf_counter()
         for step, (images, labels) in enumerate(bar):
-            if len(labels) < 2:  # every file of the batch failed to decode (streaming); batch norm needs 2
-                continue
+            if len(labels) < 2:  # (streaming) the batch's files failed to decode; batch norm needs 2 rows
+                continue  # NB: under DDP the other ranks would then wait in CenterLoss's all-gather
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -468,28 +468,9 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.net.parameters(), config.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            with torch.no_grad():
-                n = len(labels)
-                batch = torch.stack(
-                    [
-                        loss * n,
-                        softmax_loss * n,
-                        center * n,
-                        (logits.argmax(1) == labels).sum(),
-                        torch.tensor(n, device=device),
-                        features.float().norm(dim=1).sum(),
-                    ]
-                )
-                sums += batch.double()
+            sums += _batch_sums(loss, softmax_loss, center, logits, features, labels)
             if not bar.disable and step % 10 == 0:
-                s = sums.tolist()
-                bar.set_postfix(
-                    loss=f"{s[0] / s[4]:.3f}",
-                    ce=f"{s[1] / s[4]:.3f}",
-                    center=f"{s[2] / s[4]:.2f}",
-                    acc=f"{s[3] / s[4]:.3f}",
-                    img_s=f"{s[4] / (time.perf_counter() - start):.0f}",
-                )
+                bar.set_postfix(_postfix(sums.tolist(), time.perf_counter() - start))
         bar.close()
         total = reduce_sum(sums, self.runtime).tolist()
         elapsed = time.perf_counter() - start
@@ -507,6 +488,27 @@ class Trainer:
             "center_norm": float(self.center_loss.centers.norm(dim=1).mean()),
             "time_s": elapsed,
         }
+
+
+@torch.no_grad()
+def _batch_sums(
+    loss: torch.Tensor,
+    softmax_loss: torch.Tensor,
+    center: torch.Tensor,
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """Per-batch sums (losses × n, correct, n, Σ‖x‖) kept on the device: no host sync per step."""
+    n = torch.tensor(len(labels), device=labels.device)
+    correct = (logits.argmax(1) == labels).sum()
+    norms = features.float().norm(dim=1).sum()
+    return torch.stack([loss * n, softmax_loss * n, center * n, correct, n, norms]).double()
+
+
+def _postfix(s: list[float], elapsed: float) -> dict[str, str]:
+    return {"loss": f"{s[0] / s[4]:.3f}", "ce": f"{s[1] / s[4]:.3f}", "center": f"{s[2] / s[4]:.2f}",
+            "acc": f"{s[3] / s[4]:.3f}", "img_s": f"{s[4] / elapsed:.0f}"}  # fmt: skip
 
 
 def build_trainer(config: TrainConfig, runtime: Runtime, num_classes: int, steps_per_epoch: int) -> Trainer:
