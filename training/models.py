@@ -38,6 +38,15 @@ class LeNetPP(nn.Module):
         if height < 1 or width_ < 1:
             raise ValueError(f"lenetpp needs images of at least 8x8, got {image_size}")
         self.fc = nn.Linear(128 * height * width_, feat_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Six convolutions without batch norm: PyTorch's default init shrinks the signal ~100× by the
+        # output, which stalls the first hundreds of steps. He init for PReLU(0.25) keeps its scale.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(module.weight, a=0.25)
+                nn.init.zeros_(module.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(images).flatten(1))
