@@ -92,6 +92,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _publish_permissions(root: Path) -> None:
+    """mkdtemp makes the folder 0700: give the bundle the umask's usual modes so another user (the service's
+    container user, say) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -149,6 +159,7 @@ def save_bundle(
             "files": {name: sha256_file(staging / name) for name in WEIGHT_FILES},
         }
         (staging / BUNDLE_JSON).write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n")
+        _publish_permissions(staging)
         _fsync_tree(staging)
         _swap_in(staging, dest)
     except BaseException:
