@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut
 # extra arguments for `python -m service.demo`, e.g. DEMO_ARGS="--port 8080" (see --help)
 DEMO_ARGS ?=
 
-.PHONY: venv test lint serve demo clean clean-demo
+.PHONY: venv test lint serve demo bench clean clean-demo
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ serve: $(STAMP)
 # The same bootstrap without serving.
 demo: $(STAMP)
 	$(PY) -m service.demo --no-serve $(DEMO_ARGS)
+
+# Quick versions of every benchmark (~10 min on 2 cores); regenerates docs/benchmarks.md from bench/results/.
+# The full versions: $(PY) -m bench.run_all --full --device cuda
+bench: $(STAMP)
+	$(PY) -m bench.run_all --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .cache/ci-tools-* *.egg-info
