@@ -96,7 +96,7 @@ class IndexParams:
 
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = 256  # 1M × 128: recall@1 0.993 at p50 1.2 ms (128: 0.977, 512: 1.000 at 2.4 ms)
     tombstone_fraction: float = 0.1  # HNSW: rebuild when this share of the index is deleted
     ivf_min_train_per_list: int = 39  # FAISS warns below 39 training points per centroid
     ivf_min_lists: int = 16  # fewer vectors than 16 × 39: exact flat search instead
