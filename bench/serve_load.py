@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--image-size", type=int, nargs=2, default=(64, 56), metavar=("H", "W"))
-    p.add_argument("--feat-dim", type=int, default=128)
+    p.add_argument("--feat-dim", type=int, default=512)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--endpoints", nargs="+", default=["embed", "identify"], choices=["embed", "identify"])
     p.add_argument("--requests", type=int, default=300, help="requests per (mode, endpoint, concurrency) level")
