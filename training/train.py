@@ -82,7 +82,7 @@ class TrainConfig:
     image_size: tuple[int, int] = (64, 56)
     channels: int = 1
     hflip: bool = True
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 32
     lr: float = 0.1
     optimizer: str = "sgd"
