@@ -23,7 +23,7 @@ from training.datasets import export_digits
 ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = 36
 EPOCHS = 3
-TRAIN_ARGS = ["--arch", "lenetpp", "--feat-dim", "2", "--image-size", "16", "16", "--no-hflip",
+TRAIN_ARGS = ["--arch", "lenetpp", "--feat-dim", "2", "--image-size", "16", "16", "--hflip",
               "--epochs", str(EPOCHS), "--batch-size", "32", "--lr", "0.05", "--warmup-epochs", "1",
               "--center-weight", "0.01", "--holdout-identities", "3", "--seed", "0", "--device", "cpu",
               "--target-far", "0.01"]  # fmt: skip
