@@ -15,6 +15,7 @@ report never holds a number of its own. A results file looks like::
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -62,6 +63,15 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 
 def utc_date() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def apply_preset(args: argparse.Namespace, presets: dict[str, dict[str, Any]]) -> None:
+    """Fill the options left unset from ``--quick``/``--full``/default presets and resolve ``--device``."""
+    args.preset = "full" if args.full else "quick" if args.quick else "default"
+    for key, value in presets[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.device = resolve_device(args.device)
 
 
 def resolve_device(device: str) -> str:

@@ -20,13 +20,13 @@ from typing import Any
 
 from bench.common import (
     CACHE_DIR,
+    apply_preset,
     cached_step,
     cli_flags,
     display_command,
     machine,
     mean_std,
     read_bundle_json,
-    resolve_device,
     run_step,
     utc_date,
     write_results,
@@ -182,14 +182,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = parser.parse_args(argv)
-    args.preset = "full" if args.full else "quick" if args.quick else "default"
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_preset(args, PRESETS)
     if 0.0 not in args.lambdas:
         parser.error("--lambdas must include 0 (the baseline)")
     args.lambdas = sorted(args.lambdas)
-    args.device = resolve_device(args.device)
     return args
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import IMG_DIR, ROOT, display_command, machine, resolve_device, utc_date, write_results
+from bench.common import IMG_DIR, ROOT, apply_preset, display_command, machine, utc_date, write_results
 from bench.faces_orl import export_orl, train_orl
 
 FIXED_ALPHA = 0.5
@@ -79,11 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = parser.parse_args(argv)
-    args.preset = "full" if args.full else "quick" if args.quick else "default"
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.device = resolve_device(args.device)
+    apply_preset(args, PRESETS)
     return args
 
 
