@@ -299,9 +299,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD, momentum 0.9)")
     parser.add_argument("--schedule", default="cosine", help="LR schedule: cosine or step")
     parser.add_argument("--warmup-epochs", type=int, default=1)
-    parser.add_argument(
-        "--grad-clip", type=float, default=5.0, help="gradient-norm clip (LeNets++ has no batch norm)"
-    )
+    parser.add_argument("--grad-clip", type=float, default=5.0, help="gradient-norm clip (LeNets++ has no batch norm)")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="share of training images held back")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
