@@ -27,12 +27,12 @@ from bench.common import (
     CACHE_DIR,
     IMG_DIR,
     ROOT,
+    apply_preset,
     cached_step,
     cli_flags,
     display_command,
     machine,
     read_bundle_json,
-    resolve_device,
     run_step,
     utc_date,
     write_results,
@@ -304,12 +304,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = parser.parse_args(argv)
-    preset_name = "full" if args.full else "quick" if args.quick else "default"
-    for key, value in PRESETS[preset_name].items():
-        if getattr(args, key) is None and f"--{key.replace('_', '-')}" not in (argv or sys.argv[1:]):
-            setattr(args, key, value)
-    args.preset = preset_name
-    args.device = resolve_device(args.device)
+    apply_preset(args, PRESETS)
     if 0.0 not in args.lambdas:
         parser.error("--lambdas must include 0 (the baseline)")
     args.lambdas = sorted(args.lambdas)
