@@ -186,6 +186,45 @@ def test_torchrun_two_processes_gloo(digits: Path, tmp_path: Path) -> None:
     assert result.stdout.count("open-set rank-1") == 1  # only rank 0 evaluates
 
 
+def copy_test_folder(digits: Path, dest: Path, classes: list[str], per_class: int = 4) -> Path:
+    for name in classes:
+        (dest / name).mkdir(parents=True)
+        for image in sorted((digits / name).glob("[0-9]*.png"))[-per_class:]:
+            shutil.copy(image, dest / name / image.name)
+    return dest
+
+
+@pytest.mark.slow
+def test_test_data_replaces_the_closed_set_images(digits: Path, tmp_path: Path) -> None:
+    """--test-data: the softmax head's accuracy on a separate folder, recomputed here from the checkpoint."""
+    classes = sorted(p.name for p in digits.iterdir())
+    test_dir = copy_test_folder(digits, tmp_path / "test", classes[3:])  # a subset: its labels must be remapped
+    out = tmp_path / "bundle"
+    args = ["--data", str(digits), "--output", str(out), *TRAIN_ARGS, "--epochs", "1", "--holdout-identities", "0",
+            "--test-fraction", "0", "--test-data", str(test_dir)]  # fmt: skip
+    assert train.main(args) == 0
+    bundle = load_bundle(out)
+    closed = bundle.metadata["evaluation"]["closed_set"]
+    assert closed["images"] == 4 * 7 and bundle.metadata["training"]["split"]["test_images"] == 28
+    checkpoint = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    samples = [(p, bundle.class_names.index(p.parent.name)) for p in sorted(test_dir.glob("*/*.png"))]
+    features, labels = evaluate.embed_samples(bundle.model, samples, bundle.preprocess)
+    weight, bias = checkpoint["classifier"]["weight"].numpy(), checkpoint["classifier"]["bias"].numpy()
+    expected = float(np.mean(np.argmax(features @ weight.T + bias, axis=1) == labels))
+    assert closed["classifier_accuracy"] == pytest.approx(expected)
+
+
+def test_test_data_with_an_unknown_identity_exits_2(digits: Path, tmp_path: Path, capsys) -> None:
+    test_dir = copy_test_folder(digits, tmp_path / "test", ["0", "stranger"], per_class=0)
+    shutil.copy(next(digits.glob("0/[0-9]*.png")), test_dir / "stranger" / "a.png")
+    shutil.copy(next(digits.glob("0/[0-9]*.png")), test_dir / "0" / "a.png")
+    args = ["--data", str(digits), "--output", str(tmp_path / "out"), *TRAIN_ARGS, "--test-data", str(test_dir)]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stranger" in err and "training identities" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out" / "bundle.json").exists()
+
+
 BAD_ARGS = [
     (["--center-weight", "-1"], "--center-weight"),
     (["--center-alpha", "0"], "--center-alpha"),

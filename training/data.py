@@ -162,6 +162,24 @@ def split_identities(
     return Split(train_classes, train, test, holdout_classes, holdout)
 
 
+def with_test_folder(split: Split, folder: ImageFolder) -> Split:
+    """``split`` with its closed-set test images replaced by ``folder`` (e.g. MNIST's official test split).
+
+    Every identity of ``folder`` must be a training identity: closed-set accuracy asks which of the trained
+    classes an image belongs to, so an unknown identity has no right answer.
+    """
+    index = {name: label for label, name in enumerate(split.train_classes)}
+    unknown = [name for name in folder.class_names if name not in index]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise DataError(
+            f"test folder {folder.root} has identities the model does not train on: {shown} "
+            "(closed-set test images must belong to training identities)"
+        )
+    test = [(path, index[folder.class_names[label]]) for path, label in folder.samples]
+    return Split(split.train_classes, split.train, test, split.holdout_classes, split.holdout)
+
+
 # -----------------------------------------------------------------------------
 # dataset
 

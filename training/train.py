@@ -41,7 +41,15 @@ from tqdm import tqdm
 from training import plots
 from training.bundle import BundleError, Threshold, save_bundle
 from training.center_loss import CenterLoss
-from training.data import DataError, ImageDataset, Split, make_loader, scan_image_folder, split_identities
+from training.data import (
+    DataError,
+    ImageDataset,
+    Split,
+    make_loader,
+    scan_image_folder,
+    split_identities,
+    with_test_folder,
+)
 from training.evaluate import embed_samples, evaluate_embeddings, format_results, roc_curve
 from training.models import MODELS, build_model
 from training.preprocess import InputSpec, Preprocessor
@@ -63,6 +71,7 @@ RUNTIME_FIELDS = {
     "flip_tta",
     "target_far",
     "channels_last",
+    "test_data",
 }
 
 
@@ -94,6 +103,7 @@ class TrainConfig:
     center_alpha: float = 0.5
     holdout_identities: int | float = 0
     test_fraction: float = 0.2
+    test_data: str | None = None
     seed: int = 0
     device: str = "auto"
     amp: bool = False
@@ -188,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.test_fraction,
         help="share of each training identity's images kept for test",
+    )
+    add(
+        "--test-data",
+        metavar="DIR",
+        help="closed-set test images in their own ImageFolder (e.g. MNIST-test); they replace the --test-fraction"
+        " images in the evaluation (use --test-fraction 0 to train on all of --data)",
     )
     add("--seed", type=int, default=d.seed, help="seed of the split, initial weights, data order and augmentation")
     add("--device", default=d.device, help="auto (CUDA if available), cpu or cuda")
@@ -540,6 +556,8 @@ def check_batch_size(images: int, config: TrainConfig, runtime: Runtime) -> None
 def load_data(config: TrainConfig, runtime: Runtime) -> tuple[Split, Preprocessor, ImageDataset]:
     folder = scan_image_folder(config.data)
     split = split_identities(folder, config.holdout_identities, config.test_fraction, config.seed)
+    if config.test_data:
+        split = with_test_folder(split, scan_image_folder(config.test_data))
     check_batch_size(len(split.train), config, runtime)  # before decoding anything
     spec = InputSpec(channels=config.channels, height=config.image_size[0], width=config.image_size[1])
     preprocess = Preprocessor(spec, hflip=config.hflip)
