@@ -241,9 +241,10 @@ def test_mnist_summary_judges_goals_against_the_lambda_zero_baseline() -> None:
         return {
             "lambda": lam,
             "closed_wall_s": 10.0,
-            "closed_bundle": {"classifier_accuracy": 0.9, "train_accuracy": 0.95},
-            "closed": {"images": 100, "nearest_center_accuracy": closed, "euclidean_center_accuracy": closed,
-                       "plot": IMG_DIR / f"x{lam}.png"},
+            "closed_bundle": {"classifier_accuracy": closed, "train_accuracy": 0.95},
+            "open_bundle": {"classifier_accuracy": 0.9, "train_accuracy": 0.95},
+            "closed": {"images": 100, "softmax_accuracy": closed, "nearest_center_accuracy": 0.5,
+                       "euclidean_center_accuracy": 0.5, "plot": IMG_DIR / f"x{lam}.png"},
             "open": {"tar_at_far_1e-2": tar, "rank1": rank1, "ten_fold_accuracy": 0.9, "auc": 0.95,
                      "dir_at_far_1e-2": 0.5, "pairs": "1+/2-"},
         }  # fmt: skip
@@ -251,8 +252,8 @@ def test_mnist_summary_judges_goals_against_the_lambda_zero_baseline() -> None:
     args = argparse.Namespace(train_per_class=200, test_per_class=None, epochs=5, seed=0)
     payload = summarise([row(0.0, 0.97, 0.40, 0.80), row(0.01, 0.992, 0.55, 0.79)], args, "python -m bench.paper_mnist")
     met = {r["figure"]: r["met"] for r in payload["summary"]}
-    assert met["MNIST closed-set test accuracy (nearest center), 2-D features, λ = 0"] is None
-    assert met["MNIST closed-set test accuracy (nearest center), 2-D features, λ = 0.01"] is True
+    assert met["MNIST closed-set test accuracy (softmax head), 2-D features, λ = 0"] is None
+    assert met["MNIST closed-set test accuracy (softmax head), 2-D features, λ = 0.01"] is True
     assert met["MNIST open set (train 0–5, test 6–9) TAR@FAR=1e-2, λ = 0.01"] is True
     assert met["MNIST open set (train 0–5, test 6–9) rank-1, λ = 0.01"] is False
     assert payload["tables"][0]["rows"][1][2] == 0.992
