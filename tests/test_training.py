@@ -32,12 +32,12 @@ VERIFICATION_KEYS = {"positive_pairs", "negative_pairs", "auc", "tar_at_far", "t
 
 
 def run_cli(
-    *args: str, module: str = "training", env_extra: dict[str, str] | None = None
+    *args: str, module: str = "training", env_extra: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     # one thread: on a shared 2-core machine several threads per process cost more CPU than they save
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=300)  # fmt: skip
+                          cwd=ROOT, timeout=timeout)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -184,6 +184,27 @@ def test_torchrun_two_processes_gloo(digits: Path, tmp_path: Path) -> None:
     assert [r["epoch"] for r in records] == [1, 2] and records[0]["images"] == 2 * 32 * ((n_train // 2) // 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one bundle, no staging leftovers
     assert result.stdout.count("open-set rank-1") == 1  # only rank 0 evaluates
+
+
+@pytest.mark.slow
+def test_torchrun_streaming_with_undecodable_files_does_not_desync(digits: Path, tmp_path: Path) -> None:
+    """Streamed batches shrink when files fail to decode; the ranks must skip such steps together, or one
+    rank's next all-reduce pairs with another's current one (a hang, or mixed-up gradients)."""
+    data = tmp_path / "half_corrupt"
+    for name in ("0", "1", "2", "3"):
+        (data / name).mkdir(parents=True)
+        for i, image in enumerate(sorted((digits / name).glob("[0-9]*.png"))[:24]):
+            shutil.copy(image, data / name / image.name)
+            (data / name / f"zz_bad_{i}.png").write_bytes(b"not an image")
+    out = tmp_path / "ddp"
+    args = ["--standalone", "--nproc_per_node=2", "-m", "training", "--data", str(data), "--output", str(out),
+            *TRAIN_ARGS, "--holdout-identities", "0", "--epochs", "1", "--batch-size", "2",
+            "--cache", "off"]  # fmt: skip
+    result = run_cli(*args, module="torch.distributed.run", timeout=120)  # ~10 s; without the agreement: a hang
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "metrics.jsonl").read_text())
+    # only steps where both ranks had 2 readable images count: 2 ranks × 2 images each
+    assert 0 < record["images"] < 4 * 24 and record["images"] % 4 == 0
 
 
 def copy_test_folder(digits: Path, dest: Path, classes: list[str], per_class: int = 4) -> Path:

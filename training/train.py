@@ -72,6 +72,7 @@ RUNTIME_FIELDS = {
     "target_far",
     "channels_last",
     "test_data",
+    "cache",
 }
 
 
@@ -110,6 +111,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     workers: int = 0
+    cache: str = "auto"
     resume: str | None = None
     keep_checkpoints: bool = False
     target_far: float = 1e-3
@@ -211,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--channels-last", action="store_true", help="channels_last memory format (faster convolutions on GPUs)")
     add("--compile", action="store_true", help="torch.compile the network (slow start; needs a C++ compiler on CPU)")
     add("--workers", type=int, default=d.workers, help="DataLoader worker processes (0 = load in the training process)")
+    add(
+        "--cache",
+        choices=("auto", "on", "off"),
+        default=d.cache,
+        help="decode the training images into memory once (auto: when they fit in 1 GiB) or stream them from disk",
+    )
     add("--resume", metavar="CHECKPOINT", help="continue from a checkpoints/*.pt written with the same options")
     add("--keep-checkpoints", action="store_true", help="keep checkpoints/epoch_NNN.pt of every epoch besides last.pt")
     add("--target-far", type=float, default=d.target_far, help="FAR at which the bundle's threshold is calibrated")
@@ -310,6 +318,13 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Reseed from (seed, epoch, rank) so epoch k's augmentation doesn't depend on earlier epochs."""
     state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
     torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def all_ranks(flag: bool, runtime: Runtime) -> bool:
+    """True only when ``flag`` holds on every rank (one tiny all-reduce)."""
+    value = torch.tensor([int(flag)], device=runtime.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def reduce_sum(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -465,10 +480,16 @@ class Trainer:
             dynamic_ncols=True,
             disable=not (self.runtime.is_main and sys.stderr.isatty()),
         )
+        # streamed batches can shrink (undecodable files are dropped); cached ones never do
+        streaming = not getattr(loader.dataset, "cached", True)
         start = time.perf_counter()
         for step, (images, labels) in enumerate(bar):
-            if len(labels) < 2:  # (streaming) the batch's files failed to decode; batch norm needs 2 rows
-                continue  # NB: under DDP the other ranks would then wait in CenterLoss's all-gather
+            usable = len(labels) >= 2  # batch norm needs 2 rows
+            if streaming and self.runtime.distributed:
+                # a rank skipping alone would pair its next all-reduce with the others' current one
+                usable = all_ranks(usable, self.runtime)
+            if not usable:
+                continue
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -561,7 +582,8 @@ def load_data(config: TrainConfig, runtime: Runtime) -> tuple[Split, Preprocesso
     check_batch_size(len(split.train), config, runtime)  # before decoding anything
     spec = InputSpec(channels=config.channels, height=config.image_size[0], width=config.image_size[1])
     preprocess = Preprocessor(spec, hflip=config.hflip)
-    train_set = ImageDataset(split.train, preprocess, train=True)
+    cache = {"auto": None, "on": True, "off": False}[config.cache]
+    train_set = ImageDataset(split.train, preprocess, train=True, cache=cache)
     if train_set.skipped:
         log.info("skipped %d unreadable training image(s)", train_set.skipped)
     return split, preprocess, train_set
