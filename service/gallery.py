@@ -4,6 +4,10 @@ Durability: every write is one SQLite transaction (WAL, ``synchronous=FULL``) th
 caller is answered, and the FAISS index is rebuilt from SQLite on open, so a ``kill -9`` at any moment
 loses no acknowledged entry and leaves no half-entry (entry, embedding and image rows commit together).
 
+One process per folder: the FAISS index lives in memory, so a second server on the same folder would never
+see the first one's writes. ``Gallery.open`` takes an exclusive ``flock`` on ``gallery.lock`` and refuses a
+folder that another process holds; the kernel drops the lock with its process, so a ``kill -9`` leaves none.
+
 Consistency: writes are serialised by one lock; the index is guarded by a readers-writer lock so that
 concurrent searches run in parallel but never see an index in the middle of an update. Embeddings of two
 models never mix: every row records the model fingerprint, and rows of another fingerprint are kept out of
@@ -22,9 +26,11 @@ Index kinds (all on L2-normalised vectors, inner product = cosine):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -43,6 +49,7 @@ logger = logging.getLogger("centerid.gallery")
 IndexKind = Literal["flat", "hnsw", "ivf"]
 INDEX_KINDS: tuple[str, ...] = ("flat", "hnsw", "ivf")
 DB_FILE = "gallery.sqlite3"
+LOCK_FILE = "gallery.lock"
 SCHEMA_VERSION = "1"
 MAX_LABEL_CHARS = 200
 
@@ -163,6 +170,27 @@ def is_exact(index: faiss.Index) -> bool:
     return isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
 
 
+def _lock_folder(path: Path) -> int:
+    """Create ``path`` and hold its exclusive lock; the returned descriptor keeps it until closed."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise GalleryError(f"cannot open the gallery folder {path}: {error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise GalleryError(
+            f"gallery folder {path} is in use by another process (pid {holder}); run one server per data "
+            "folder (its in-memory index would miss the other's writes)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
 class RWLock:
     """Many readers or one writer; a waiting writer holds new readers back so it cannot starve."""
 
@@ -235,8 +263,10 @@ class Gallery:
         index_kind: str,
         params: IndexParams,
         threads: int | None,
+        lock_fd: int | None = None,
     ) -> None:
         self._db = db
+        self._lock_fd = lock_fd
         self.path = path
         self.dim = dim
         self.fingerprint = fingerprint
@@ -270,19 +300,24 @@ class Gallery:
         if dim < 1:
             raise GalleryError(f"embedding dimension must be positive, got {dim}")
         path = Path(data_dir)
+        lock_fd = _lock_folder(path)
         try:
-            path.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(path / DB_FILE, check_same_thread=False, isolation_level=None, timeout=30)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as error:
+            os.close(lock_fd)
             raise GalleryError(f"cannot open the gallery database in {path}: {error}") from None
-        gallery = cls(db, path, dim, fingerprint, index_kind, params or IndexParams(), threads)
-        gallery._init_meta()
-        gallery._stale = gallery.pending_reembed
-        gallery._rebuild()
+        gallery = cls(db, path, dim, fingerprint, index_kind, params or IndexParams(), threads, lock_fd)
+        try:
+            gallery._init_meta()
+            gallery._stale = gallery.pending_reembed
+            gallery._rebuild()
+        except BaseException:
+            gallery.close()
+            raise
         return gallery
 
     def _init_meta(self) -> None:
@@ -299,6 +334,9 @@ class Gallery:
     def close(self) -> None:
         with self._write_lock, self._db_lock:
             self._db.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the folder lock
+                self._lock_fd = None
 
     def __enter__(self) -> Gallery:
         return self

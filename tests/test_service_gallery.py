@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -181,6 +185,30 @@ def test_bad_inputs_are_refused(tmp_path: Path) -> None:
         assert gallery.count() == 0
     with pytest.raises(GalleryError, match="index kind"):
         Gallery.open(tmp_path, DIM, "m", "lsh")
+
+
+def test_one_process_per_folder_and_no_stale_lock_after_kill_9(tmp_path: Path) -> None:
+    """A second opener is refused with the holder's pid; the lock dies with its process (kill -9)."""
+    with Gallery.open(tmp_path, DIM, "m") as gallery:
+        gallery.add("a", np.ones((1, DIM)), [b"x"])
+        with pytest.raises(GalleryError, match=rf"in use by another process \(pid {os.getpid()}\)"):
+            Gallery.open(tmp_path, DIM, "m")
+        assert gallery.count() == 1  # the refused opener did not disturb the holder
+    holder_code = (
+        "import sys, numpy as np; from service.gallery import Gallery; "
+        f"g = Gallery.open({str(tmp_path)!r}, {DIM}, 'm'); print('open', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        with pytest.raises(GalleryError, match=rf"pid {holder.pid}\)"):
+            Gallery.open(tmp_path, DIM, "m")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    with Gallery.open(tmp_path, DIM, "m") as gallery:
+        assert gallery.count() == 1
 
 
 def test_concurrent_writers_and_searchers_stay_consistent(tmp_path: Path) -> None:
