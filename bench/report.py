@@ -152,6 +152,11 @@ def render_bench(payload: dict[str, Any]) -> str:
     parts = [f"## {payload['title']}", ""]
     parts.append(f"Command: `{payload['command']}`  ")
     wall = f", wall time {format_number(payload['wall_s'], 's')}" if "wall_s" in payload else ""
+    reused = [r for r in payload.get("runs", []) if "(reused run)" in r["name"]]
+    if reused:  # this invocation only evaluated: say what the training it reused cost
+        total = format_number(sum(r["wall_s"] for r in payload["runs"]), "s")
+        runs = len(payload["runs"])
+        wall += f" ({len(reused)} of {runs} training runs reused from an earlier invocation; all runs: {total})"
     parts.append(f"Machine: {machine_text(payload['machine'])}; run on {payload['date']} (UTC){wall}.")
     parts.append("")
     for note in payload.get("notes", []):

@@ -189,6 +189,17 @@ def test_report_changes_when_a_result_changes(tmp_path: Path) -> None:
     assert "25.00 %" in before and "25.00 %" not in after and "75.00 %" in after
 
 
+def test_reused_training_runs_are_named_with_their_own_cost() -> None:
+    """An invocation that only re-evaluated reused runs must not pass its short wall time off as the cost."""
+    from bench.report import render_bench
+
+    runs = [{"name": "train a (reused run)", "command": "x", "wall_s": 900.0},
+            {"name": "train b", "command": "y", "wall_s": 100.0}]  # fmt: skip
+    text = render_bench({**payload("Mnist", 0.99), "wall_s": 90.0, "runs": runs})
+    assert "wall time 90 s (1 of 2 training runs reused from an earlier invocation; all runs: 1000 s)" in text
+    assert "reused" not in render_bench({**payload("Mnist", 0.99), "wall_s": 90.0, "runs": runs[1:]}).split("\n")[3]
+
+
 def test_load_results_names_the_file_missing_a_field(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text(json.dumps({"title": "x", "command": "y", "machine": MACHINE}))
     with pytest.raises(ReportError, match=r"broken\.json has no 'date'"):
