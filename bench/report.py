@@ -3,6 +3,10 @@
 ``python -m bench.report [--results DIR] [--out FILE]``. The report is generated, never edited: every
 number in it comes from a results file (see ``bench/common.py`` for the schema), and the sections
 written by others (center-loss op, serving) are included verbatim with their headings demoted.
+
+The judged figures of those sections reach the summary table through ``judged_sections.json``, a
+``summary_only`` results file whose rows name their ``source`` doc and the ``evidence`` strings that doc
+holds (``tests/test_bench_report.py`` checks that they are there, so the two cannot drift apart).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, ROOT
 
-BENCH_ORDER = ("paper_mnist", "faces_orl", "sensitivity")
+BENCH_ORDER = ("paper_mnist", "faces_orl", "sensitivity", "judged_sections")
 # (title, curated doc of its owner, raw table of the latest `bench.run_all` run): both included verbatim
 SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Center-loss op", "docs/benchmarks_center_loss.md", ("bench/results/raw/center_loss_op.md",)),
@@ -132,7 +136,7 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
                     format_met(row.get("met")),
                     f"`{row.get('command', payload['command'])}`",
                     machine_text(payload["machine"]),
-                    payload["date"],
+                    row.get("date", payload["date"]),
                 ]
             )
     return markdown_table(headers, rows) if rows else "_No results files yet._"
@@ -232,10 +236,13 @@ def build_report(results: dict[str, dict[str, Any]], sections: Sequence[tuple[st
         "",
         "## Summary",
         "",
+        "The center-loss op and serving rows come from `bench/results/judged_sections.json`, transcribed from "
+        "those sections below (the tests check that each figure is there).",
+        "",
         summary_table(results),
         "",
     ]
-    parts += [render_bench(payload) for payload in results.values()]
+    parts += [render_bench(payload) for payload in results.values() if not payload.get("summary_only")]
     parts += [render_section(title, path, latest) for title, path, latest in sections]
     not_run = [f"{payload['title']}: {item}" for payload in results.values() for item in payload.get("not_run", [])]
     if not_run:

@@ -200,6 +200,32 @@ def test_reused_training_runs_are_named_with_their_own_cost() -> None:
     assert "reused" not in render_bench({**payload("Mnist", 0.99), "wall_s": 90.0, "runs": runs[1:]}).split("\n")[3]
 
 
+def test_judged_section_figures_are_those_their_curated_docs_record() -> None:
+    """The summary rows transcribed from the op and serving docs: every evidence string is in its source doc,
+    and the displayed figure is part of the evidence (a number can't be changed in one place only)."""
+    from bench.common import RESULTS_DIR, ROOT
+
+    payload = json.loads((RESULTS_DIR / "judged_sections.json").read_text())
+    assert payload["summary_only"] is True and len(payload["summary"]) >= 9
+    for row in payload["summary"]:
+        doc = (ROOT / row["source"]).read_text()
+        for evidence in row["evidence"]:
+            assert evidence in doc, f"{row['figure']}: {evidence!r} not in {row['source']}"
+        for figure in row["measured"].split(", "):
+            assert any(figure in evidence for evidence in row["evidence"]), (row["figure"], figure)
+        assert row["command"] in doc, f"{row['figure']}: command not in {row['source']}"
+
+
+def test_summary_only_results_reach_the_summary_table_but_get_no_section(tmp_path: Path) -> None:
+    results_dir = tmp_path / "results"
+    data = {**payload("Judged", 0.5), "summary_only": True}
+    data["summary"][0].update(measured="1.9×", fmt="str", command="python -m bench.serve_load", date="2031-01-02")
+    write_results("judged_sections", data, results_dir)
+    report = build_report(load_results(results_dir), [])
+    assert "| 1.9× |" in report and "`python -m bench.serve_load`" in report and "| 2031-01-02 |" in report
+    assert "## Judged" not in report
+
+
 def test_load_results_names_the_file_missing_a_field(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text(json.dumps({"title": "x", "command": "y", "machine": MACHINE}))
     with pytest.raises(ReportError, match=r"broken\.json has no 'date'"):
