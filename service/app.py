@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.embedder import Embedder
 from service.errors import envelope, install_error_handlers
-from service.gallery import Gallery, GalleryError
+from service.gallery import Gallery, GalleryError, IndexParams
 from service.images import configure_pillow
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import ROUTERS
@@ -72,6 +72,7 @@ def load_components(state: ServiceState) -> None:
             bundle.feat_dim,
             bundle.fingerprint,
             settings.index_kind,
+            IndexParams(hnsw_ef_search=settings.hnsw_ef_search, ivf_nprobe=settings.ivf_nprobe),
             threads=settings.faiss_thread_count,
         )
     except GalleryError as error:
@@ -86,6 +87,11 @@ def load_components(state: ServiceState) -> None:
         settings.data_dir,
         state.gallery.count(),
     )
+    # the re-embedding runs after startup returns: say so from the first /ready answer on
+    if state.gallery.pending_reembed:
+        state.status = f"re-embedding {state.gallery.pending_reembed} gallery entries"
+    else:
+        state.status = "finishing startup"
 
 
 def reembed_gallery(state: ServiceState) -> None:

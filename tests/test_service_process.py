@@ -3,6 +3,7 @@ and a model upgrade that re-embeds the gallery before the service reports ready.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sqlite3
 import subprocess
@@ -172,7 +173,16 @@ def test_model_change_reembeds_the_gallery_before_ready(
     from conftest import service_settings, wait_ready
     from fastapi.testclient import TestClient
 
+    from service import app as app_module
     from service.app import create_app
+
+    finish_startup = app_module.finish_startup
+
+    async def late_finish(state: object) -> None:  # the background task may start after the first request
+        await asyncio.sleep(0.5)
+        await finish_startup(state)
+
+    monkeypatch.setattr(app_module, "finish_startup", late_finish)
 
     with TestClient(create_app(service_settings(second_bundle_dir, data_dir))) as client:
         waiting = client.get("/ready")
