@@ -23,7 +23,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from service.gallery import IndexParams, build_index
+from service.gallery import IndexParams, build_index, describe_index
 from service.settings import available_cores
 
 ENTRIES_PER_IDENTITY = 5
@@ -92,16 +92,6 @@ def time_queries(index: faiss.Index, queries: np.ndarray, k: int, threads: int) 
     return top1, latencies
 
 
-def describe(index: faiss.Index) -> str:
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-    name = type(inner).__name__
-    if isinstance(inner, faiss.IndexIVF):
-        name += f"(nlist={inner.nlist}, nprobe={inner.nprobe})"
-    if isinstance(inner, faiss.IndexHNSW):
-        name += f"(M={inner.hnsw.nb_neighbors(1)}, efSearch={inner.hnsw.efSearch})"
-    return name
-
-
 def search_settings(index: faiss.Index, kind: str, args: argparse.Namespace) -> list[Callable[[], None]]:
     """One setter per search-time value to measure (the build's own setting when none is given)."""
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
@@ -137,7 +127,7 @@ def run(size: int, dim: int, args: argparse.Namespace) -> list[Row]:
                 p95_ms=float(np.percentile(latencies, 95)),
                 recall_at_1=float((top1 == exact_top1).mean()),
                 same_identity=float((identity_of[top1 - 1] == identity_of[exact_top1 - 1]).mean()),
-                index=describe(index),
+                index=describe_index(index),
             )
             if kind in args.kinds:
                 print(format_row(row), flush=True)

@@ -112,6 +112,17 @@ class IndexParams:
     retrain_growth: float = 4.0
 
 
+def describe_index(index: faiss.Index) -> str:
+    """The FAISS index and its search-time knobs, e.g. ``IndexHNSWFlat(M=32, efSearch=256)``."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    name = type(inner).__name__
+    if isinstance(inner, faiss.IndexIVF):
+        name += f"(nlist={inner.nlist}, nprobe={inner.nprobe})"
+    if isinstance(inner, faiss.IndexHNSW):
+        name += f"(M={inner.hnsw.nb_neighbors(1)}, efSearch={inner.hnsw.efSearch})"
+    return name
+
+
 def validate_label(label: str) -> str:
     """Labels travel in URL paths: no slashes, no control characters, no surrounding blanks."""
     if not isinstance(label, str) or not label.strip():
@@ -380,6 +391,11 @@ class Gallery:
     def count(self) -> int:
         """Entries in SQLite, whatever their model."""
         return int(self._query("SELECT COUNT(*) FROM entries")[0][0])
+
+    def index_description(self) -> str:
+        """What a search runs on now (an IVF gallery too small to train is served by an exact index)."""
+        with self._index_lock.read():
+            return describe_index(self._state.index)
 
     def index_count(self) -> int:
         """Live vectors in the FAISS index (its ntotal minus HNSW tombstones)."""

@@ -146,6 +146,7 @@ class GalleryInfo(BaseModel):
     size: int = Field(description="entries in the search index")
     identities: int
     index: str = Field(description="FAISS index kind: flat, hnsw or ivf")
+    search: str = Field(description="the FAISS index searched now, with its search-time settings")
     fingerprint: str = Field(description="model the stored embeddings belong to (= the model's once ready)")
 
 
@@ -163,7 +164,13 @@ class Info(BaseModel):
                 "created_at": "2025-01-01T12:00:00+00:00",
             },
             "threshold": {"value": 0.42, "source": "bundle", "target_far": 0.001, "far": 0.0009, "tar": 0.93},
-            "gallery": {"size": 120, "identities": 40, "index": "flat", "fingerprint": "3f2a9c1b7d4e…"},
+            "gallery": {
+                "size": 120,
+                "identities": 40,
+                "index": "flat",
+                "search": "IndexFlatIP",
+                "fingerprint": "3f2a9c1b7d4e…",
+            },
             "max_batch": 32,
             "version": "0.1.0",
         }

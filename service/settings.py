@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.gallery import IndexParams
+
 MB = 1 << 20
 
 
@@ -49,6 +51,10 @@ class Settings(BaseSettings):
     faiss_threads: int = Field(0, ge=0, description="FAISS OpenMP threads; 0 = half the cores (at least 1)")
 
     index_kind: Literal["flat", "hnsw", "ivf"] = Field("flat", description="gallery search index")
+    hnsw_ef_search: int = Field(
+        IndexParams.hnsw_ef_search, ge=1, le=65536, description="HNSW candidates per search: more = better recall"
+    )
+    ivf_nprobe: int = Field(IndexParams.ivf_nprobe, ge=0, description="IVF lists probed per search; 0 = a fifth")
     threshold: float | None = Field(
         None, ge=-1, le=1, description="cosine threshold overriding the bundle's calibrated one"
     )

@@ -240,6 +240,14 @@ def test_approximate_indexes_serve_the_same_answers(
     assert answers[index_kind] == answers["flat"]  # six identities: the approximate index is exact here
 
 
+def test_index_search_settings_reach_the_live_index(bundle_dir: Path, faces: Faces, tmp_path: Path) -> None:
+    with service_client(bundle_dir, tmp_path / "hnsw", index_kind="hnsw", hnsw_ef_search=77) as client:
+        enroll(client, faces, faces.holdout[0], (1, 2))
+        assert client.get("/info").json()["gallery"]["search"] == "IndexHNSWFlat(M=32, efSearch=77)"
+    with service_client(bundle_dir, tmp_path / "flat") as client:  # the default
+        assert client.get("/info").json()["gallery"]["search"] == "IndexFlatIP"
+
+
 def test_a_bundle_without_threshold_needs_one_per_request(bundle_dir: Path, faces: Faces, tmp_path: Path) -> None:
     copy = tmp_path / "bundle"
     shutil.copytree(bundle_dir, copy)

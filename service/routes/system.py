@@ -60,6 +60,7 @@ async def info(state: Annotated[ServiceState, Depends(ready_state)]) -> Info:
             size=gallery.size,
             identities=await run_in_threadpool(gallery.label_count),
             index=gallery.index_kind,
+            search=await run_in_threadpool(gallery.index_description),
             fingerprint=await run_in_threadpool(lambda: gallery.stored_fingerprint),
         ),
         max_batch=state.settings.max_batch,
