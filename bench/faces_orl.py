@@ -239,7 +239,7 @@ def not_run(args: argparse.Namespace) -> list[str]:
     full = PRESETS["full"]
     missing = []
     if args.epochs < full["epochs"]:
-        missing.append(f"the CLI's default {full['epochs']}-epoch schedule (ran {args.epochs} epochs)")
+        missing.append(f"the --full preset's {full['epochs']}-epoch schedule (ran {args.epochs} epochs)")
     for config, seeds in (("demo", args.seeds), ("large", args.large_seeds)):
         if config not in args.configs:
             missing.append(f"the {config} config")
