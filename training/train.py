@@ -578,7 +578,11 @@ def load_data(config: TrainConfig, runtime: Runtime) -> tuple[Split, Preprocesso
     folder = scan_image_folder(config.data)
     split = split_identities(folder, config.holdout_identities, config.test_fraction, config.seed)
     if config.test_data:
+        unused = len(split.test)
         split = with_test_folder(split, scan_image_folder(config.test_data))
+        if unused:
+            log.warning("%d --test-fraction images are neither trained on nor evaluated with --test-data "
+                        "(pass --test-fraction 0 to train on them)", unused)  # fmt: skip
     check_batch_size(len(split.train), config, runtime)  # before decoding anything
     spec = InputSpec(channels=config.channels, height=config.image_size[0], width=config.image_size[1])
     preprocess = Preprocessor(spec, hflip=config.hflip)
