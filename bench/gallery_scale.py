@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=20, help="entries fetched per query (the service over-fetches 4·k)")
     p.add_argument("--search-threads", type=int, default=max(1, available_cores() // 2))
     p.add_argument("--hnsw-ef-search", type=int, nargs="+", help="efSearch values to measure on one HNSW build")
+    p.add_argument("--hnsw-m", type=int, default=IndexParams.hnsw_m, help="HNSW links per node (build)")
+    p.add_argument("--hnsw-ef-construction", type=int, default=IndexParams.hnsw_ef_construction,
+                   help="HNSW candidates per insertion (build)")  # fmt: skip
     p.add_argument("--ivf-nprobe", type=int, nargs="+", help="nprobe values to measure on one IVF build")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
@@ -111,7 +114,8 @@ def run(size: int, dim: int, args: argparse.Namespace) -> list[Row]:
     for kind in ["flat", *[k for k in args.kinds if k != "flat"]]:
         faiss.omp_set_num_threads(available_cores())  # builds use every core, as the service's rebuild does
         started = time.perf_counter()
-        index = build_index(kind, dim, gallery, ids, IndexParams())
+        params = IndexParams(hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction)
+        index = build_index(kind, dim, gallery, ids, params)
         build_s = time.perf_counter() - started
         for apply in search_settings(index, kind, args):
             apply()

@@ -72,7 +72,12 @@ def load_components(state: ServiceState) -> None:
             bundle.feat_dim,
             bundle.fingerprint,
             settings.index_kind,
-            IndexParams(hnsw_ef_search=settings.hnsw_ef_search, ivf_nprobe=settings.ivf_nprobe),
+            IndexParams(
+                hnsw_m=settings.hnsw_m,
+                hnsw_ef_construction=settings.hnsw_ef_construction,
+                hnsw_ef_search=settings.hnsw_ef_search,
+                ivf_nprobe=settings.ivf_nprobe,
+            ),
             threads=settings.faiss_thread_count,
         )
     except GalleryError as error:

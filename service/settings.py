@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         IndexParams.hnsw_ef_search, ge=1, le=65536, description="HNSW candidates per search: more = better recall"
     )
     ivf_nprobe: int = Field(IndexParams.ivf_nprobe, ge=0, description="IVF lists probed per search; 0 = a fifth")
+    hnsw_m: int = Field(IndexParams.hnsw_m, ge=4, le=256, description="HNSW links per node (index build)")
+    hnsw_ef_construction: int = Field(
+        IndexParams.hnsw_ef_construction, ge=8, le=65536, description="HNSW candidates per insertion (build)"
+    )
     threshold: float | None = Field(
         None, ge=-1, le=1, description="cosine threshold overriding the bundle's calibrated one"
     )

@@ -242,9 +242,9 @@ def test_approximate_indexes_serve_the_same_answers(
 
 
 def test_index_search_settings_reach_the_live_index(bundle_dir: Path, faces: Faces, tmp_path: Path) -> None:
-    with service_client(bundle_dir, tmp_path / "hnsw", index_kind="hnsw", hnsw_ef_search=77) as client:
+    with service_client(bundle_dir, tmp_path / "hnsw", index_kind="hnsw", hnsw_ef_search=77, hnsw_m=12) as client:
         enroll(client, faces, faces.holdout[0], (1, 2))
-        assert client.get("/info").json()["gallery"]["search"] == "IndexHNSWFlat(M=32, efSearch=77)"
+        assert client.get("/info").json()["gallery"]["search"] == "IndexHNSWFlat(M=12, efSearch=77)"
     with service_client(bundle_dir, tmp_path / "flat") as client:  # the default
         assert client.get("/info").json()["gallery"]["search"] == "IndexFlatIP"
 
