@@ -109,12 +109,12 @@ def run(size: int, dim: int, args: argparse.Namespace) -> list[Row]:
     gallery, queries = synthetic(size, dim, args.queries)
     ids = np.arange(1, size + 1, dtype=np.int64)
     identity_of = (ids - 1) % max(1, size // ENTRIES_PER_IDENTITY)  # as synthetic() assigns entries
+    params = IndexParams(hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction)
     exact_top1: np.ndarray | None = None
     rows = []
     for kind in ["flat", *[k for k in args.kinds if k != "flat"]]:
         faiss.omp_set_num_threads(available_cores())  # builds use every core, as the service's rebuild does
         started = time.perf_counter()
-        params = IndexParams(hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction)
         index = build_index(kind, dim, gallery, ids, params)
         build_s = time.perf_counter() - started
         for apply in search_settings(index, kind, args):

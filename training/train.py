@@ -481,7 +481,7 @@ class Trainer:
             disable=not (self.runtime.is_main and sys.stderr.isatty()),
         )
         # streamed batches can shrink (undecodable files are dropped); cached ones never do
-        streaming = not getattr(loader.dataset, "cached", True)
+        streaming = not loader.dataset.cached
         start = time.perf_counter()
         for step, (images, labels) in enumerate(bar):
             usable = len(labels) >= 2  # batch norm needs 2 rows
