@@ -601,9 +601,6 @@ def train(config: TrainConfig) -> Path | None:
         return _train(config, runtime)
     finally:
         if runtime.distributed and dist.is_initialized():
-            # rank 0 evaluates and writes the bundle alone; a rank that tore the group down meanwhile was
-            # seen to abort in gloo's teardown (SIGABRT), and torchrun then killed rank 0 mid-write
-            dist.barrier()
             dist.destroy_process_group()
 
 
