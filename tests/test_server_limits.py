@@ -65,9 +65,17 @@ class ServiceProcess:
 @contextlib.contextmanager
 def service_process(bundle_dir: Path, tmp_path: Path, **env: str) -> Iterator[ServiceProcess]:
     base = {"CENTERID_BUNDLE": str(bundle_dir), "CENTERID_DATA_DIR": str(tmp_path / "gallery")}
-    server = ServiceProcess({**base, **env}, tmp_path / "server.log")
+    for attempt in range(3):  # a free port can be taken by another process before the server binds it
+        log = tmp_path / f"server-{attempt}.log"
+        server = ServiceProcess({**base, **env}, log)
+        try:
+            server.wait_ready()
+            break
+        except AssertionError:
+            server.stop()
+            if "address already in use" not in log.read_text() or attempt == 2:
+                raise
     try:
-        server.wait_ready()
         yield server
     finally:
         server.stop()
