@@ -7,6 +7,9 @@ Layout (``format_version`` 1)::
                            training config, evaluation, torch version, sha256 of each weight file
       model.safetensors    embedding network weights
       centers.safetensors  class centers, C × D, fp32
+      strangers.safetensors  (optional) L2-normalised embeddings of never-trained identities ("embeddings",
+                           N × D fp32) and their identity index ("identities", N int64) into
+                           ``strangers.identities`` of bundle.json: the service's 1:N operating point
       metrics.jsonl, plots/*.png, checkpoints/   (training by-products, optional)
 
 Loading never unpickles (safetensors + JSON only) and verifies every hash. Writing builds the complete
@@ -25,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -37,6 +41,7 @@ BUNDLE_JSON = "bundle.json"
 MODEL_FILE = "model.safetensors"
 CENTERS_FILE = "centers.safetensors"
 WEIGHT_FILES = (MODEL_FILE, CENTERS_FILE)
+STRANGERS_FILE = "strangers.safetensors"
 
 
 class BundleError(RuntimeError):
@@ -53,9 +58,22 @@ class Threshold:
     tar: float | None = None
     positive_pairs: int = 0
     negative_pairs: int = 0
+    calibrated: bool | None = None  # None: not recorded (a bundle from before identity-disjoint calibration)
+    calibration: dict[str, Any] | None = None  # how it was chosen and reported (training.calibration)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class Strangers:
+    """Embeddings of identities the model never trained on (and whose pairs never reported the FAR): the
+    population the service sets its 1:N threshold on. ``identities`` indexes ``names``."""
+
+    embeddings: np.ndarray  # N × D float32, L2-normalised
+    identities: np.ndarray  # N int64
+    names: list[str]
+    source: str = ""
 
 
 @dataclass
@@ -69,6 +87,7 @@ class Bundle:
     class_names: list[str]
     threshold: Threshold | None
     metadata: dict[str, Any] = field(repr=False)
+    strangers: Strangers | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -124,6 +143,7 @@ def save_bundle(
     training: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
     hflip: bool = False,
+    strangers: Strangers | None = None,
 ) -> Path:
     """Write a bundle atomically to ``dest``.
 
@@ -144,6 +164,10 @@ def save_bundle(
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(staging / MODEL_FILE))
         save_file({"centers": centers.detach().float().cpu().contiguous()}, str(staging / CENTERS_FILE))
+        files = list(WEIGHT_FILES)
+        if strangers is not None:
+            _save_strangers(strangers, int(centers.shape[1]), staging / STRANGERS_FILE)
+            files.append(STRANGERS_FILE)
         metadata = {
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -153,10 +177,11 @@ def save_bundle(
             "feat_dim": int(centers.shape[1]),
             "class_names": list(class_names),
             "threshold": threshold.to_dict() if threshold else None,
+            "strangers": _strangers_meta(strangers),
             "training": training or {},
             "evaluation": evaluation or {},
             "torch_version": torch.__version__,
-            "files": {name: sha256_file(staging / name) for name in WEIGHT_FILES},
+            "files": {name: sha256_file(staging / name) for name in files},
         }
         (staging / BUNDLE_JSON).write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n")
         _publish_permissions(staging)
@@ -171,7 +196,7 @@ def save_bundle(
 def _carry_over(source: Path, staging: Path) -> None:
     for path in source.rglob("*"):
         relative = path.relative_to(source)
-        if str(relative) in (*WEIGHT_FILES, BUNDLE_JSON) or not path.is_file():
+        if str(relative) in (*WEIGHT_FILES, STRANGERS_FILE, BUNDLE_JSON) or not path.is_file():
             continue
         target = staging / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +238,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     arch = metadata.get("arch", {}).get("name")
     if arch not in MODELS:
         raise BundleError(f"unknown arch {arch!r} in {meta_path}; known: {sorted(MODELS)}")
-    for name in WEIGHT_FILES:
+    for name in (*WEIGHT_FILES, STRANGERS_FILE) if metadata.get("strangers") else WEIGHT_FILES:
         file_path = root / name
         if not file_path.is_file():
             raise BundleError(f"bundle file missing: {file_path}")
@@ -239,6 +264,7 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
         raise BundleError(f"centers shape {tuple(centers.shape)} does not match bundle.json in {root}")
     threshold = Threshold(**metadata["threshold"]) if metadata.get("threshold") else None
     return Bundle(
+        strangers=_load_strangers(root, metadata),
         path=root,
         model=model.to(device).eval(),
         preprocess=Preprocessor(spec, hflip=bool(metadata.get("hflip", False))),
@@ -247,3 +273,45 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
         threshold=threshold,
         metadata=metadata,
     )
+
+
+def _save_strangers(strangers: Strangers, feat_dim: int, path: Path) -> None:
+    embeddings = np.ascontiguousarray(strangers.embeddings, dtype=np.float32)
+    identities = np.ascontiguousarray(strangers.identities, dtype=np.int64)
+    if embeddings.ndim != 2 or embeddings.shape[1] != feat_dim or len(identities) != len(embeddings):
+        raise BundleError(f"strangers: {embeddings.shape} embeddings, {identities.shape} identities, dim {feat_dim}")
+    if len(identities) and not 0 <= identities.min() <= identities.max() < len(strangers.names):
+        raise BundleError("strangers: identity index outside the list of names")
+    save_file({"embeddings": torch.from_numpy(embeddings), "identities": torch.from_numpy(identities)}, str(path))
+
+
+def _strangers_meta(strangers: Strangers | None) -> dict[str, Any] | None:
+    if strangers is None:
+        return None
+    return {
+        "file": STRANGERS_FILE,
+        "images": len(strangers.identities),
+        "identities": list(strangers.names),
+        "source": strangers.source,
+    }
+
+
+def _load_strangers(root: Path, metadata: dict[str, Any]) -> Strangers | None:
+    """The optional stranger set (hash already verified by :func:`read_metadata`); None in older bundles."""
+    meta = metadata.get("strangers")
+    if not meta:
+        return None
+    try:
+        tensors = load_file(str(root / STRANGERS_FILE))
+        embeddings = tensors["embeddings"].float().numpy()
+        identities = tensors["identities"].long().numpy()
+        names = [str(name) for name in meta["identities"]]
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        raise BundleError(f"invalid {root / STRANGERS_FILE}: {error}") from None
+    if embeddings.ndim != 2 or embeddings.shape[1] != metadata["feat_dim"] or len(identities) != len(embeddings):
+        raise BundleError(f"strangers shape {tuple(embeddings.shape)} does not match bundle.json in {root}")
+    if not np.isfinite(embeddings).all():
+        raise BundleError(f"{root / STRANGERS_FILE} holds NaN or infinite embeddings")
+    if len(identities) and not 0 <= identities.min() <= identities.max() < len(names):
+        raise BundleError(f"{root / STRANGERS_FILE}: identity index outside strangers.identities")
+    return Strangers(embeddings, identities, names, str(meta.get("source", "")))
