@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from training.bundle import (
     BUNDLE_JSON,
@@ -21,6 +22,7 @@ from training.bundle import (
     load_bundle,
     read_metadata,
     save_bundle,
+    sha256_file,
 )
 from training.models import build_model
 from training.preprocess import InputSpec
@@ -154,3 +156,121 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_model_not_from_the_registry_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="build_model"):
         save_bundle(tmp_path / "b", torch.nn.Linear(2, 2), SPEC, torch.zeros(1, 2), ["a"])
+
+
+# -- malformed bundles: each refused with one line naming the problem, nothing unpickled ------------------
+def _edit_json(root: Path, change: object) -> None:
+    meta_path = root / BUNDLE_JSON
+    metadata = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(change(metadata) if callable(change) else change))
+
+
+def _rehash(root: Path, name: str) -> None:
+    """What a careless tool (or an attacker with write access) does: fix the hash after changing a file."""
+    _edit_json(root, lambda m: {**m, "files": {**m["files"], name: sha256_file(root / name)}})
+
+
+def _rewrite_weights(root: Path, name: str, change: object) -> None:
+    tensors = load_file(str(root / name))
+    change(tensors)
+    save_file(tensors, str(root / name))
+    _rehash(root, name)
+
+
+def _truncate_weights(root: Path) -> None:
+    data = (root / MODEL_FILE).read_bytes()
+    (root / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    _rehash(root, MODEL_FILE)
+
+
+def _pickle_weights(root: Path) -> None:
+    torch.save(_model(0).state_dict(), root / MODEL_FILE)  # a torch pickle under the safetensors name
+    _rehash(root, MODEL_FILE)
+
+
+def _other_architecture_weights(root: Path) -> None:
+    other = build_model("resnet18", in_channels=1, image_size=(28, 24), feat_dim=16, width=8)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(root / MODEL_FILE))
+    _rehash(root, MODEL_FILE)
+
+
+def _nan_weight(tensors: dict[str, torch.Tensor]) -> None:
+    name = next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)
+    tensors[name].view(-1)[1] = float("nan")
+
+
+def _threshold(**changes: object) -> object:
+    return lambda m: {**m, "threshold": {**m["threshold"], **changes}}
+
+
+CORRUPTIONS = {
+    "truncated weights": (_truncate_weights, "is not a readable safetensors file"),
+    "pickled weights": (_pickle_weights, "is not a readable safetensors file"),
+    "weights of another network": (_other_architecture_weights, "does not fit arch resnet18"),
+    "NaN weight": (lambda r: _rewrite_weights(r, MODEL_FILE, _nan_weight), "non-finite values .*NaN or Inf"),
+    "Inf center": (
+        lambda r: _rewrite_weights(r, CENTERS_FILE, lambda t: t["centers"].view(-1).__setitem__(0, float("inf"))),
+        "non-finite values .*'centers'",
+    ),
+    "bundle.json is a list": (lambda r: _edit_json(r, []), "must hold a JSON object, not list"),
+    "threshold with unknown keys": (lambda r: _edit_json(r, _threshold(colour="red")), r"unknown keys \['colour'\]"),
+    "non-numeric threshold": (lambda r: _edit_json(r, _threshold(value="high")), "threshold.value must be a number"),
+    "threshold not an object": (lambda r: _edit_json(r, lambda m: {**m, "threshold": 0.5}), "threshold must be an"),
+    "NaN threshold": (lambda r: _edit_json(r, _threshold(value=float("nan"))), "threshold.value is not finite"),
+    "threshold above 1": (lambda r: _edit_json(r, _threshold(value=5.0)), r"5.0 is outside \[-1, 1\]"),
+    "threshold below -1": (lambda r: _edit_json(r, _threshold(value=-1.5)), r"-1.5 is outside \[-1, 1\]"),
+    "pair count not an integer": (lambda r: _edit_json(r, _threshold(negative_pairs="x")), "negative_pairs must be an"),
+    "class_names is a number": (lambda r: _edit_json(r, lambda m: {**m, "class_names": 5}), "class_names must be list"),
+    "class name not a string": (
+        lambda r: _edit_json(r, lambda m: {**m, "class_names": [1, 2, 3]}),
+        "class_names must be a list of strings",
+    ),
+    "feat_dim not an integer": (lambda r: _edit_json(r, lambda m: {**m, "feat_dim": "16"}), "feat_dim must be int"),
+    "arch not an object": (lambda r: _edit_json(r, lambda m: {**m, "arch": "resnet18"}), "arch must be dict"),
+    "input size the network cannot take": (
+        lambda r: _edit_json(r, lambda m: {**m, "input": {**m["input"], "height": 8, "width": 8}}),
+        "cannot take the bundle's input size 1x8x8",
+    ),
+    "input size absurdly large": (
+        lambda r: _edit_json(r, lambda m: {**m, "input": {**m["input"], "height": 100_000}}),
+        "exceeds 4096 pixels per side",
+    ),
+    "input size not a number": (
+        lambda r: _edit_json(r, lambda m: {**m, "input": {**m["input"], "height": "tall"}}),
+        "invalid bundle",
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_malformed_bundle_is_refused_with_one_line_naming_the_problem(
+    corruption: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _save(tmp_path / "b")
+    assert load_bundle(tmp_path / "b").threshold is not None  # the pristine bundle loads
+    corrupt, message = CORRUPTIONS[corruption]
+    corrupt(tmp_path / "b")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("load_bundle must not unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr("pickle.load", refuse)
+    monkeypatch.setattr("pickle.loads", refuse)
+    with pytest.raises(BundleError, match=message) as caught:
+        load_bundle(tmp_path / "b")
+    assert "\n" not in str(caught.value)
+
+
+def test_threshold_at_the_edge_of_the_cosine_range_loads(tmp_path: Path) -> None:
+    """Calibration puts the threshold just above the highest negative, which a float32 cosine can place a
+    hair above 1: that bundle is honest and loads."""
+    _save(tmp_path / "b")
+    _edit_json(tmp_path / "b", _threshold(value=float(np.nextafter(np.float32(1.0), np.float32(2.0)))))
+    assert load_bundle(tmp_path / "b").threshold.value > 1.0
+
+
+def test_bundle_without_threshold_loads(tmp_path: Path) -> None:
+    _save(tmp_path / "b")
+    _edit_json(tmp_path / "b", lambda m: {**m, "threshold": None})
+    assert load_bundle(tmp_path / "b").threshold is None

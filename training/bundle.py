@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -228,51 +230,157 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BundleError(f"not a bundle: {meta_path} is missing")
     try:
         metadata = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as error:
-        raise BundleError(f"unreadable {meta_path}: {error}") from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise BundleError(f"unreadable {meta_path}: {one_line(error)}") from None
+    if not isinstance(metadata, dict):
+        raise BundleError(f"{meta_path} must hold a JSON object, not {type(metadata).__name__}")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"unknown bundle format_version {metadata.get('format_version')!r} in {meta_path} "
             f"(this version reads {FORMAT_VERSION})"
         )
-    arch = metadata.get("arch", {}).get("name")
-    if arch not in MODELS:
-        raise BundleError(f"unknown arch {arch!r} in {meta_path}; known: {sorted(MODELS)}")
+    arch = _field(metadata, "arch", dict)
+    if arch.get("name") not in MODELS:
+        raise BundleError(f"unknown arch {arch.get('name')!r} in {meta_path}; known: {sorted(MODELS)}")
+    _field(arch, "kwargs", dict, "arch.kwargs")
+    files = _field(metadata, "files", dict)
     for name in (*WEIGHT_FILES, STRANGERS_FILE) if metadata.get("strangers") else WEIGHT_FILES:
         file_path = root / name
         if not file_path.is_file():
             raise BundleError(f"bundle file missing: {file_path}")
-        expected = metadata.get("files", {}).get(name)
-        if sha256_file(file_path) != expected:
+        if sha256_file(file_path) != files.get(name):
             raise BundleError(f"sha256 mismatch for {file_path}: the file does not match {BUNDLE_JSON}")
     return metadata
 
 
 def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle for inference: model in eval mode, preprocessing, centers, names and threshold."""
+    """Load a bundle for inference: model in eval mode, preprocessing, centers, names and threshold.
+
+    Everything a service would trip over later is refused here with one line: malformed fields, weights
+    that do not deserialise or do not fit the architecture, non-finite numbers, a threshold outside
+    [-1, 1], and an input size the network cannot take (one dry forward pass on a blank image).
+    """
     root = Path(path)
     metadata = read_metadata(root)
+    class_names = _class_names(metadata)
+    threshold = _threshold(metadata.get("threshold"))
+    feat_dim = _field(metadata, "feat_dim", int)
     try:
+        spec = InputSpec.from_dict(_field(metadata, "input", dict))
         model = build_model(metadata["arch"]["name"], **metadata["arch"]["kwargs"])
-        model.load_state_dict(load_file(str(root / MODEL_FILE)))
-        centers = load_file(str(root / CENTERS_FILE))["centers"].float()
-        spec = InputSpec.from_dict(metadata["input"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as error:
-        raise BundleError(f"invalid bundle {root}: {error}") from None
-    class_names = list(metadata.get("class_names", []))
-    if centers.shape != (len(class_names), metadata["feat_dim"]):
-        raise BundleError(f"centers shape {tuple(centers.shape)} does not match bundle.json in {root}")
-    threshold = Threshold(**metadata["threshold"]) if metadata.get("threshold") else None
+    except (TypeError, ValueError) as error:
+        raise BundleError(f"invalid bundle {root}: {one_line(error)}") from None
+    try:
+        model.load_state_dict(_load_tensors(root / MODEL_FILE))
+    except RuntimeError as error:  # missing, unexpected or mis-shaped weights
+        arch = metadata["arch"]["name"]
+        raise BundleError(f"{root / MODEL_FILE} does not fit arch {arch}: {one_line(error)[:300]}") from None
+    centers = _load_tensors(root / CENTERS_FILE).get("centers")
+    if centers is None or centers.shape != (len(class_names), feat_dim):
+        shape = None if centers is None else tuple(centers.shape)
+        raise BundleError(f"centers shape {shape} does not match bundle.json in {root}")
+    centers = centers.float()
+    _require_finite(root / CENTERS_FILE, {"centers": centers})
+    model = model.to(device).eval()
+    _dry_forward(model, spec, feat_dim, device)
     return Bundle(
         strangers=_load_strangers(root, metadata),
         path=root,
-        model=model.to(device).eval(),
+        model=model,
         preprocess=Preprocessor(spec, hflip=bool(metadata.get("hflip", False))),
         centers=centers.to(device),
         class_names=class_names,
         threshold=threshold,
         metadata=metadata,
     )
+
+
+# -- checks of what a bundle holds -------------------------------------------------------------------------
+MAX_INPUT_SIDE = 4096  # pixels per side: far beyond any face model, small enough for one dry forward pass
+THRESHOLD_SLACK = 1e-6  # a calibrated threshold sits just above a float32 cosine, which can exceed 1 by rounding
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (torch's state-dict errors span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _field(mapping: dict[str, Any], key: str, kind: type, name: str | None = None) -> Any:
+    value = mapping.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BundleError(f"bundle.json {name or key} must be {kind.__name__}, got {json.dumps(value)[:80]}")
+    return value
+
+
+def _class_names(metadata: dict[str, Any]) -> list[str]:
+    names = _field(metadata, "class_names", list)
+    if not all(isinstance(name, str) for name in names):
+        raise BundleError("bundle.json class_names must be a list of strings")
+    return list(names)
+
+
+def _number(raw: dict[str, Any], key: str, optional: bool = False) -> None:
+    value = raw.get(key)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BundleError(f"bundle.json threshold.{key} must be a number, got {json.dumps(value)[:80]}")
+    if not math.isfinite(value):
+        raise BundleError(f"bundle.json threshold.{key} is not finite ({value})")
+
+
+def _threshold(raw: object) -> Threshold | None:
+    """The calibrated threshold, or None when the bundle has none; every key known, every number finite."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BundleError(f"bundle.json threshold must be an object or null, got {json.dumps(raw)[:80]}")
+    known = {f.name for f in fields(Threshold)}
+    if unknown := sorted(set(raw) - known):
+        raise BundleError(f"bundle.json threshold has unknown keys {unknown}; known: {sorted(known)}")
+    for key in ("value", "target_far"):
+        _number(raw, key)
+    for key in ("far", "tar"):
+        _number(raw, key, optional=True)
+    for key in ("positive_pairs", "negative_pairs"):
+        if not isinstance(raw.get(key, 0), int) or isinstance(raw.get(key), bool):
+            raise BundleError(f"bundle.json threshold.{key} must be an integer, got {json.dumps(raw.get(key))[:80]}")
+    if not -1 - THRESHOLD_SLACK <= raw["value"] <= 1 + THRESHOLD_SLACK:
+        raise BundleError(f"bundle.json threshold.value {raw['value']} is outside [-1, 1], the range of a cosine")
+    return Threshold(**raw)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors only (never a pickle); a file that does not deserialise or holds NaN/Inf is refused."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise BundleError(f"{path} is not a readable safetensors file: {one_line(error)}") from None
+    _require_finite(path, tensors)
+    return tensors
+
+
+def _require_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BundleError(f"{path} holds non-finite values (NaN or Inf) in {name!r}")
+
+
+def _dry_forward(model: nn.Module, spec: InputSpec, feat_dim: int, device: str | torch.device) -> None:
+    """One forward pass on a blank input of the bundle's size: a size the network cannot take, or an output
+    that is not ``feat_dim`` finite numbers, fails here rather than on the first request."""
+    if max(spec.height, spec.width) > MAX_INPUT_SIDE:
+        raise BundleError(f"bundle input size {spec.height}x{spec.width} exceeds {MAX_INPUT_SIDE} pixels per side")
+    try:
+        with torch.no_grad():
+            output = model(torch.zeros(1, spec.channels, spec.height, spec.width, device=device))
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise BundleError(
+            f"the network cannot take the bundle's input size {spec.channels}x{spec.height}x{spec.width}: "
+            f"{one_line(error)[:300]}"
+        ) from None
+    if tuple(output.shape) != (1, feat_dim) or not bool(torch.isfinite(output).all()):
+        raise BundleError(f"the network's output {tuple(output.shape)} is not {feat_dim} finite numbers")
 
 
 def _save_strangers(strangers: Strangers, feat_dim: int, path: Path) -> None:
@@ -301,17 +409,15 @@ def _load_strangers(root: Path, metadata: dict[str, Any]) -> Strangers | None:
     meta = metadata.get("strangers")
     if not meta:
         return None
+    tensors = _load_tensors(root / STRANGERS_FILE)  # NaN/Inf refused there
     try:
-        tensors = load_file(str(root / STRANGERS_FILE))
         embeddings = tensors["embeddings"].float().numpy()
         identities = tensors["identities"].long().numpy()
         names = [str(name) for name in meta["identities"]]
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
-        raise BundleError(f"invalid {root / STRANGERS_FILE}: {error}") from None
+        raise BundleError(f"invalid {root / STRANGERS_FILE}: {one_line(error)}") from None
     if embeddings.ndim != 2 or embeddings.shape[1] != metadata["feat_dim"] or len(identities) != len(embeddings):
         raise BundleError(f"strangers shape {tuple(embeddings.shape)} does not match bundle.json in {root}")
-    if not np.isfinite(embeddings).all():
-        raise BundleError(f"{root / STRANGERS_FILE} holds NaN or infinite embeddings")
     if len(identities) and not 0 <= identities.min() <= identities.max() < len(names):
         raise BundleError(f"{root / STRANGERS_FILE}: identity index outside strangers.identities")
     return Strangers(embeddings, identities, names, str(meta.get("source", "")))
