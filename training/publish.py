@@ -1,0 +1,96 @@
+"""The end of a run (rank 0): evaluate on held-out data, calibrate the threshold, plot, write the bundle."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training import plots
+from training.bundle import Threshold, save_bundle
+from training.config import TrainConfig
+from training.data import Split
+from training.evaluate import embed_samples, evaluate_embeddings, format_results, roc_curve
+from training.loop import Trainer
+from training.preprocess import Preprocessor
+
+log = logging.getLogger("training")
+
+
+def finish(
+    config: TrainConfig,
+    trainer: Trainer,
+    split: Split,
+    preprocess: Preprocessor,
+    skipped: int,
+    history: list[dict[str, Any]],
+) -> Path:
+    """Evaluate on the held-out data, calibrate the threshold, plot, and write the bundle."""
+    output, device = Path(config.output), trainer.runtime.device
+    embed, centers = trainer.embed, trainer.center_loss.centers.detach().float().cpu()
+
+    def embed_split(samples: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray] | None:
+        if not samples:
+            return None
+        return embed_samples(embed, samples, preprocess, 256, device, config.flip_tta, config.workers)
+
+    closed, heldout = embed_split(split.test), embed_split(split.holdout)
+    logits = None
+    if closed is not None:
+        with torch.no_grad():
+            logits = trainer.classifier(torch.from_numpy(closed[0]).to(device)).float().cpu().numpy()
+    calibrated_on = "held-out identities"
+    if heldout is None:  # no unseen identities: pairs of the test images of training identities (optimistic)
+        heldout, calibrated_on = closed, "test images of training identities (no held-out identities)"
+    results, (positive, negative) = evaluate_embeddings(
+        heldout, closed, centers.numpy(), logits, config.target_far, config.seed
+    )
+    results.update(flip_tta=config.flip_tta, pairs_from=calibrated_on)
+    write_plots(output, history, positive, negative, closed, centers, split.train_classes, config)
+    threshold = Threshold(**results["threshold"]) if results.get("threshold") else None
+    training = {
+        "config": config.to_dict(),
+        "split": split.summary(),
+        "skipped_images": skipped,
+        "world_size": trainer.runtime.world,
+        "final_epoch": history[-1] if history else None,
+    }
+    embed.eval()
+    save_bundle(
+        output, embed, preprocess.spec, centers, split.train_classes, threshold, training, results, config.hflip
+    )
+    print(format_results(results))
+    log.info("bundle written to %s", output)
+    return output
+
+
+def write_plots(
+    output: Path,
+    history: list[dict[str, Any]],
+    positive: np.ndarray,
+    negative: np.ndarray,
+    closed: tuple[np.ndarray, np.ndarray] | None,
+    centers: torch.Tensor,
+    class_names: list[str],
+    config: TrainConfig,
+) -> None:
+    folder = output / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    plots.plot_training_curves(history, folder / "training_curves.png")
+    if len(positive) and len(negative):
+        far, tar, _ = roc_curve(positive, negative)
+        plots.plot_roc(
+            {f"λ={config.center_weight:g}": (far, tar)}, folder / "roc.png", "Verification ROC (held-out pairs)"
+        )
+    if config.feat_dim == 2 and closed is not None:
+        plots.plot_features_2d(
+            closed[0],
+            closed[1],
+            centers.numpy(),
+            folder / "features_2d.png",
+            f"Test features and centers (λ={config.center_weight:g}, α={config.center_alpha:g})",
+            class_names,
+        )
