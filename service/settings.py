@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     threshold: float | None = Field(
         None, ge=-1, le=1, description="cosine threshold overriding the bundle's calibrated one"
     )
+    target_fpir: float = Field(
+        1e-2, gt=0, lt=1, description="/identify: the share of strangers that may be given a name (FPIR)"
+    )
+    fpir_refresh_s: float = Field(
+        0.5, ge=0, le=3600, description="least seconds between two recomputations of the /identify threshold"
+    )
+    max_strangers: int = Field(10_000, ge=0, description="most operator stranger images (POST /strangers)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from training.calibration import HOLDOUT_FRACTION, MIN_HOLDOUT_IDENTITIES
 from training.models import MODELS
 
 # options that may change between a run and its --resume without changing what is trained
@@ -59,7 +60,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     center_weight: float = 0.003
     center_alpha: float = 0.5
-    holdout_identities: int | float = 0
+    holdout_identities: int | float | str = "auto"  # auto: training.calibration.default_holdout
     test_fraction: float = 0.2
     test_data: str | None = None
     seed: int = 0
@@ -94,11 +95,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _holdout(text: str) -> int | float:
+def _holdout(text: str) -> int | float | str:
+    if text == "auto":
+        return text
     try:
         value = float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or a fraction in (0, 1), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected auto, a count or a fraction in (0, 1), got {text!r}") from None
     if value < 0 or (isinstance(value, float) and value >= 1):
         raise argparse.ArgumentTypeError(f"expected a count >= 0 or a fraction in (0, 1), got {text!r}")
     return value
@@ -146,7 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--center-alpha", type=float, default=d.center_alpha, help="α in (0, 1], center rate of Eq. 4 (paper: 0.5)")
     add(
-        "--holdout-identities", type=_holdout, default=0, help="identities never trained on: count or fraction in (0,1)"
+        "--holdout-identities",
+        type=_holdout,
+        default=d.holdout_identities,
+        help=f"identities never trained on: auto (= {round(100 * HOLDOUT_FRACTION)}%% of them, at least"
+        f" {MIN_HOLDOUT_IDENTITIES}), a count or a fraction in (0,1). Half choose the thresholds (and ship as"
+        " strangers for /identify), half report their error rates; 0 calibrates on training identities (marked"
+        " uncalibrated)",
     )
     add(
         "--test-fraction",

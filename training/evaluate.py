@@ -359,9 +359,27 @@ def format_results(results: dict[str, Any]) -> str:
             (f"threshold @ FAR={threshold['target_far']:g}", threshold["value"]),
             ("  measured FAR / TAR", f"{_fmt(threshold['far'])} / {_fmt(threshold['tar'])}"),
         ]
+        rows += _calibration_rows(threshold)
     width = max((len(name) for name, _ in rows), default=0)
     lines = [f"{name:<{width}}  {_fmt(value)}" for name, value in rows]
-    return "\n".join(lines + [f"note: {note}" for note in _notes(results)])
+    warnings = (results.get("calibration") or {}).get("warnings", [])
+    return "\n".join(lines + [f"note: {note}" for note in _notes(results)] + [f"WARNING: {w}" for w in warnings])
+
+
+def _calibration_rows(threshold: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Where the shipped threshold was chosen and reported (training.calibration), when recorded."""
+    record = threshold.get("calibration")
+    if not record:
+        return []
+    chosen, reported = record["chosen_on"], record["reported_on"]
+    far = reported["far"]
+    interval = f"[{far['low']:.2g}, {far['high']:.2g}]" if far["total"] else "n/a"
+    return [
+        ("  chosen on identities / negatives", f"{chosen['identities']} / {chosen['negative_pairs']}"),
+        ("  reported on identities / negatives", f"{reported['identities']} / {reported['negative_pairs']}"),
+        ("  reported FAR (95% Wilson)", f"{far['count']}/{far['total']} {interval}"),
+        ("  calibrated", str(threshold.get("calibrated"))),
+    ]
 
 
 def _notes(tree: Any) -> list[str]:

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from training import plots
-from training.bundle import Threshold, save_bundle
+from training.bundle import Strangers, Threshold, save_bundle
+from training.calibration import Embedded, calibrate_pair_threshold, stranger_set
 from training.config import TrainConfig
 from training.data import Split
 from training.evaluate import embed_samples, evaluate_embeddings, format_results, roc_curve
@@ -38,6 +39,7 @@ def finish(
         return embed_samples(embed, samples, preprocess, 256, device, config.flip_tta, config.workers)
 
     closed, heldout = embed_split(split.test), embed_split(split.holdout)
+    unseen = heldout
     logits = None
     if closed is not None:
         with torch.no_grad():
@@ -50,7 +52,12 @@ def finish(
     )
     results.update(flip_tta=config.flip_tta, pairs_from=calibrated_on)
     write_plots(output, history, positive, negative, closed, centers, split.train_classes, config)
-    threshold = Threshold(**results["threshold"]) if results.get("threshold") else None
+    threshold, strangers = calibrate(config, split, unseen, closed)
+    results["threshold"] = threshold.to_dict() if threshold else None  # replaces the in-sample one
+    results["calibration"] = (threshold.calibration if threshold else None) or {
+        "warnings": ["no negative pair anywhere: the bundle has no pair threshold"]
+    }
+    results["calibration"]["calibrated"] = bool(threshold and threshold.calibrated)
     training = {
         "config": config.to_dict(),
         "split": split.summary(),
@@ -60,11 +67,48 @@ def finish(
     }
     embed.eval()
     save_bundle(
-        output, embed, preprocess.spec, centers, split.train_classes, threshold, training, results, config.hflip
+        output,
+        embed,
+        preprocess.spec,
+        centers,
+        split.train_classes,
+        threshold,
+        training,
+        results,
+        config.hflip,
+        strangers=strangers,
     )
     print(format_results(results))
+    for warning in results["calibration"]["warnings"]:
+        log.warning("WARNING: the bundle is marked UNCALIBRATED: %s", warning)
     log.info("bundle written to %s", output)
     return output
+
+
+def calibrate(
+    config: TrainConfig,
+    split: Split,
+    heldout: tuple[np.ndarray, np.ndarray] | None,
+    closed: tuple[np.ndarray, np.ndarray] | None,
+) -> tuple[Threshold | None, Strangers | None]:
+    """The pair threshold chosen and reported on disjoint held-out identities, and the strangers to ship
+    (the choosing half, by name): see :mod:`training.calibration`."""
+    held = Embedded(*heldout) if heldout is not None and len(heldout[1]) else None
+    fallback = Embedded(*closed) if closed is not None and len(closed[1]) else None
+    record = calibrate_pair_threshold(held, fallback, config.target_far, config.seed)
+    chosen = stranger_set(held, config.seed)
+    strangers = None
+    if chosen is not None:
+        labels, index = np.unique(chosen.labels, return_inverse=True)
+        names = [split.holdout_classes[int(label)] for label in labels]
+        source = "held-out identities that chose the pair threshold (never trained on, never reported its rates)"
+        strangers = Strangers(chosen.embeddings, index.astype(np.int64), names, source)
+    if record is not None:  # labels → names, of held-out identities or (fallback) of training identities
+        names = split.holdout_classes if held is not None and held.identities >= 2 else split.train_classes
+        for part in ("chosen_on", "reported_on"):
+            entry = record["calibration"][part]
+            entry["names"] = [names[label] for label in entry.pop("labels")]
+    return (Threshold(**record) if record else None), strangers
 
 
 def write_plots(

@@ -27,6 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from training.bundle import BundleError
+from training.calibration import default_holdout
 from training.checkpoint import CHECKPOINT_DIR, check_resumable, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, build_parser, parse_config, validate
 from training.data import (
@@ -60,7 +61,10 @@ def check_batch_size(images: int, config: TrainConfig, runtime: Runtime) -> None
 
 def load_data(config: TrainConfig, runtime: Runtime) -> tuple[Split, Preprocessor, ImageDataset]:
     folder = scan_image_folder(config.data)
-    split = split_identities(folder, config.holdout_identities, config.test_fraction, config.seed)
+    holdout = config.holdout_identities
+    if holdout == "auto":
+        holdout = default_holdout(len(folder.class_names))
+    split = split_identities(folder, holdout, config.test_fraction, config.seed)  # type: ignore[arg-type]
     if config.test_data:
         unused = len(split.test)
         split = with_test_folder(split, scan_image_folder(config.test_data))
