@@ -44,6 +44,7 @@ from training.calibration import INTERVAL, cross_validated_rate, rate_estimate, 
 
 logger = logging.getLogger("centerid.operating_point")
 
+DEFAULT_TARGET_FPIR = 1e-2  # CENTERID_TARGET_FPIR's default
 CHUNK = 1024  # strangers per gallery search call: a writer waits for one chunk at most
 MODES = ("gallery", "centers")
 NO_STRANGERS = (

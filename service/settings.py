@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.gallery import IndexParams
+from service.operating_point import DEFAULT_TARGET_FPIR
 
 MB = 1 << 20
 
@@ -63,7 +64,7 @@ class Settings(BaseSettings):
         None, ge=-1, le=1, description="cosine threshold overriding the bundle's calibrated one"
     )
     target_fpir: float = Field(
-        1e-2, gt=0, lt=1, description="/identify: the share of strangers that may be given a name (FPIR)"
+        DEFAULT_TARGET_FPIR, gt=0, lt=1, description="/identify: the share of strangers that may be given a name (FPIR)"
     )
     fpir_refresh_s: float = Field(
         0.5, ge=0, le=3600, description="least seconds between two recomputations of the /identify threshold"
