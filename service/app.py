@@ -151,6 +151,7 @@ def start_operating_point(state: ServiceState) -> None:
         state.settings.target_fpir,
         bundle.threshold,
         state.settings.fpir_refresh_s,
+        state.settings.fpir_strangers,
         on_refresh=observe,
     )
     state.operating_point = live

@@ -17,9 +17,9 @@ as the gallery grows. The value that holds depends on the live gallery, so it is
 * empty gallery: nobody can be named whatever the value; it is the pair threshold (a gallery of one
   identity is a 1:1 comparison, so that value is right for the first enrollment) or 1.0 without one;
 * refresh: when ``Gallery.generation`` or the operator strangers change, at most once every
-  ``CENTERID_FPIR_REFRESH_S``; the work is bounded by the stranger count (the bundle's cap plus
-  ``CENTERID_MAX_STRANGERS``), searched in chunks so that gallery writes are not held back. Requests read the
-  last computed value and never wait for a refresh;
+  ``CENTERID_FPIR_REFRESH_S``; the work is at most ``CENTERID_FPIR_STRANGERS`` gallery searches (a fixed
+  seeded subsample beyond), in chunks so that gallery writes are not held back. Requests read the last
+  computed value and never wait for a refresh (readiness waits for the first one);
 * estimate: every stranger helped choose the value, so the FPIR it reaches on people it has not seen is
   estimated by cross-validation over stranger identities (:func:`training.calibration.cross_validated_rate`),
   with its counts and Wilson interval.
@@ -84,6 +84,7 @@ class Pool:
     bundle_images: int
     operator_images: int
     excluded: int = 0  # images of strangers left out because their name is enrolled
+    sampled_from: int = 0  # > len(vectors) when the pool was subsampled to the search budget
 
     @classmethod
     def build(cls, bundle: Strangers | None, operator: tuple[np.ndarray, list[str]], dim: int) -> Pool:
@@ -100,6 +101,22 @@ class Pool:
         keys = [f"{'bundle' if i < bundle_images else 'operator'}:{name}" for i, name in enumerate(names)]
         return cls(
             stacked, np.array(keys, dtype=object), np.array(names, dtype=object), bundle_images, len(operator[1])
+        )
+
+    def limited(self, budget: int) -> Pool:
+        """At most ``budget`` strangers, a fixed seeded subsample (the same rows at every refresh, so the value
+        does not jitter): the work of one refresh is ``budget`` gallery searches whatever the pool holds."""
+        if len(self.vectors) <= budget:
+            return self
+        rows = np.sort(np.random.default_rng(0).choice(len(self.vectors), size=budget, replace=False))
+        bundle_kept = int(np.sum(rows < self.bundle_images))
+        return Pool(
+            self.vectors[rows],
+            self.identities[rows],
+            self.names[rows],
+            bundle_kept,
+            budget - bundle_kept,
+            sampled_from=len(self.vectors),
         )
 
     def without(self, enrolled: set[str]) -> Pool:
@@ -173,6 +190,7 @@ def fpir_point(
         "bundle_strangers": pool.bundle_images,
         "operator_strangers": pool.operator_images,
         "enrolled_strangers_left_out": pool.excluded,
+        "subsampled_from": pool.sampled_from or None,
         "rule": "at most floor(FPIR x strangers) strangers score at or above the threshold (order statistic)",
         "interval": INTERVAL.replace("pairs", "strangers"),
         "refreshed_at": now(),
@@ -207,6 +225,7 @@ class OperatingPoint:
         target_fpir: float,
         pair_threshold: Threshold | None,
         min_interval_s: float = 0.5,
+        budget: int = 20_000,
         on_refresh: Callable[[dict[str, Point]], None] | None = None,
     ) -> None:
         self.gallery = gallery
@@ -216,6 +235,7 @@ class OperatingPoint:
         self.target = target_fpir
         self.pair_threshold = pair_threshold
         self.min_interval_s = min_interval_s
+        self.budget = budget
         self.on_refresh = on_refresh
         self._points: dict[str, Point] = {}
         self._pool: Pool | None = None
@@ -256,7 +276,8 @@ class OperatingPoint:
         if key == self._computed:
             return False
         if self._pool is None or self._strangers_version != (self._computed or (0, -1))[1]:
-            self._pool = Pool.build(self.bundle_strangers, self.operator_strangers(), self.centers.shape[1])
+            pool = Pool.build(self.bundle_strangers, self.operator_strangers(), self.centers.shape[1])
+            self._pool = pool.limited(self.budget)
         enrolled = {name for name in set(self._pool.names.tolist()) if self.gallery.entries(name)}
         pool, points = self._pool.without(enrolled), dict(self._points)
         empty_value = self.pair_threshold.value if self.pair_threshold is not None else 1.0

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
         0.5, ge=0, le=3600, description="least seconds between two recomputations of the /identify threshold"
     )
     max_strangers: int = Field(10_000, ge=0, description="most operator stranger images (POST /strangers)")
+    fpir_strangers: int = Field(
+        20_000, ge=1, description="most strangers searched per /identify threshold refresh (seeded subsample beyond)"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

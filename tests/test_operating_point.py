@@ -161,3 +161,24 @@ def test_without_strangers_identify_falls_back_to_the_pair_threshold_and_says_so
         assert identify_point(None, 0.1, point, "gallery").basis["kind"] == "settings"
         legacy = verify_point(None, None, Threshold(0.5, 1e-3))
         assert legacy.value == 0.5 and legacy.basis["calibrated"] is None and "does not record" in legacy.basis["note"]
+
+
+def test_the_search_budget_is_a_fixed_subsample(tmp_path: Path) -> None:
+    vectors, owner = people(5, 3, seed=7)
+    strangers = bundle_strangers(40, 5)
+    with Gallery.open(tmp_path, DIM, "m") as gallery:
+        for person in range(5):
+            gallery.add(f"p{person}", vectors[owner == person], [b"x"] * 3)
+        point = OperatingPoint(
+            gallery, np.zeros((0, DIM), np.float32), strangers, lambda: (np.zeros((0, DIM), np.float32), []),
+            TARGET, None, min_interval_s=0.0, budget=60,
+        )  # fmt: skip
+        point.refresh()
+        basis = point.point("gallery").basis
+        assert basis["strangers"] == 60 and basis["subsampled_from"] == 200
+        rows = np.sort(np.random.default_rng(0).choice(200, size=60, replace=False))  # the documented rule
+        expected = brute_threshold(strangers.embeddings[rows], vectors, TARGET)
+        assert point.point("gallery").value == pytest.approx(expected, abs=1e-6)
+        gallery.add("p9", vectors[owner == 0], [b"x"] * 3)
+        point.refresh()
+        assert point.point("gallery").basis["strangers"] == 60  # the same rows at every refresh

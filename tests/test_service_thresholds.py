@@ -124,6 +124,24 @@ def test_an_uncalibrated_bundle_says_so(tmp_path: Path, bundle_dir: Path, faces:
         assert basis["calibrated"] is False and basis["warnings"] == [warning]
 
 
+def test_a_bundle_without_strangers_falls_back_to_the_pair_threshold(
+    tmp_path: Path, bundle_dir: Path, faces: Faces
+) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    meta = json.loads((copy / "bundle.json").read_text())
+    del meta["files"]["strangers.safetensors"]
+    (copy / "strangers.safetensors").unlink()
+    (copy / "bundle.json").write_text(json.dumps({**meta, "strangers": None}))
+    with service_client(copy, tmp_path / "gallery") as client:
+        enroll(client, faces, faces.holdout[0])
+        answer = client.post("/identify", files=upload(faces, "image", faces.holdout[0], (5,))).json()
+        basis = answer["threshold_basis"]
+        assert answer["threshold"] == pytest.approx(meta["threshold"]["value"])
+        assert basis["kind"] == "far" and basis["target"] == 0.01
+        assert "grows with the gallery" in basis["caveat"]
+
+
 def stranger_calls(client: TestClient, faces: Faces) -> dict[str, Any]:
     person = faces.holdout[9]
     return {
