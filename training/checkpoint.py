@@ -30,7 +30,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def check_resumable(checkpoint: dict[str, Any], config: TrainConfig, class_names: list[str]) -> None:
     """Resuming is exact only with the same training options and split: name every difference."""
-    saved = checkpoint.get("config", {})
+    # an option newer than the checkpoint was, when it was written, at its default
+    saved = {**TrainConfig(data="", output="").to_dict(), **checkpoint.get("config", {})}
     current = config.to_dict()
     diffs = [
         f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})"

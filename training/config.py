@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from training.calibration import HOLDOUT_FRACTION, MIN_HOLDOUT_IDENTITIES
+from training.heads import HEADS, PAPER_DEFAULTS, head_defaults
 from training.models import MODELS
 
+MARGIN_GRAD_CLIP = 5.0
 # options that may change between a run and its --resume without changing what is trained
 RUNTIME_FIELDS = {
     "data",
@@ -58,6 +60,9 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: int = 2
     weight_decay: float = 5e-4
+    head: str = "softmax"
+    head_scale: float | None = None  # None: the paper's s for the head (filled in by __post_init__)
+    head_margin: float | None = None  # None: the paper's m
     center_weight: float = 0.003
     center_alpha: float = 0.5
     holdout_identities: int | float | str = "auto"  # auto: training.calibration.default_holdout
@@ -73,8 +78,18 @@ class TrainConfig:
     resume: str | None = None
     keep_checkpoints: bool = False
     target_far: float = 1e-3
-    grad_clip: float = 0.0
+    grad_clip: float | None = None  # None: MARGIN_GRAD_CLIP with a margin head, 0 (off) with softmax
     flip_tta: bool = False
+
+    def __post_init__(self) -> None:
+        """Record the scale and margin actually used, so a bundle and a resume never depend on defaults."""
+        default_scale, default_margin = head_defaults(self.head)
+        if self.head_scale is None:
+            self.head_scale = default_scale
+        if self.head_margin is None:
+            self.head_margin = default_margin
+        if self.grad_clip is None:
+            self.grad_clip = 0.0 if self.head == "softmax" else MARGIN_GRAD_CLIP
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -144,8 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--weight-decay", type=float, default=d.weight_decay, help="on conv/linear weights, never centers (paper: 5e-4)"
     )
+    cos_s, cos_m = PAPER_DEFAULTS["cosface"]
+    arc_s, arc_m = PAPER_DEFAULTS["arcface"]
     add(
-        "--center-weight", type=float, default=d.center_weight, help="λ (paper: 0.003 faces); 0 = softmax-only baseline"
+        "--head",
+        choices=tuple(HEADS),
+        default=d.head,
+        help="classification head of the loss: softmax (Wen et al. 2016), cosface (Wang et al. 2018: s·(cos θ−m)"
+        " on the target) or arcface (Deng et al. 2019: s·cos(θ+m)); each combines with --center-weight",
+    )
+    add(
+        "--head-scale",
+        type=float,
+        metavar="S",
+        help=f"s of the cosface/arcface logits (default: the papers' {cos_s:g} for cosface, {arc_s:g} for arcface)",
+    )
+    add(
+        "--head-margin",
+        type=float,
+        metavar="M",
+        help=f"m of cosface (cosine) or arcface (radians) (default: the papers' {cos_m:g} for cosface, "
+        f"{arc_m:g} for arcface)",
+    )
+    add(
+        "--center-weight",
+        type=float,
+        default=d.center_weight,
+        help="λ (paper: 0.003 faces); 0 = the head alone, no center loss",
     )
     add("--center-alpha", type=float, default=d.center_alpha, help="α in (0, 1], center rate of Eq. 4 (paper: 0.5)")
     add(
@@ -184,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", metavar="CHECKPOINT", help="continue from a checkpoints/*.pt written with the same options")
     add("--keep-checkpoints", action="store_true", help="keep checkpoints/epoch_NNN.pt of every epoch besides last.pt")
     add("--target-far", type=float, default=d.target_far, help="FAR at which the bundle's threshold is calibrated")
-    add("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this (0 = off)")
+    add(
+        "--grad-clip",
+        type=float,
+        help=f"clip the gradient norm to this, 0 = off (default: {MARGIN_GRAD_CLIP:g} with cosface/arcface, as"
+        " insightface's arcface_torch: s = 64 makes early gradients large; off with softmax)",
+    )
     add("--flip-tta", action="store_true", help="evaluate on the mean embedding of image and mirror (paper: concat)")
     return p
 
@@ -216,6 +261,7 @@ def validate(config: TrainConfig) -> None:
             "--lr, --center-weight, --weight-decay and --grad-clip must be finite",
         ),
     ]
+    checks += _head_checks(config)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -223,6 +269,20 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--resume: checkpoint {config.resume} not found")
     if Path(config.output).exists() and not Path(config.output).is_dir():
         raise ConfigError(f"--output {config.output} exists and is not a folder")
+
+
+def _head_checks(config: TrainConfig) -> list[tuple[bool, str]]:
+    if config.head == "softmax":
+        given = [
+            f for f, v in (("--head-scale", config.head_scale), ("--head-margin", config.head_margin)) if v is not None
+        ]
+        return [(not given, f"{' and '.join(given)} only apply to --head cosface or arcface")]
+    scale, margin = config.head_scale, config.head_margin
+    return [
+        (config.head in HEADS, f"--head must be one of {', '.join(HEADS)}, got {config.head!r}"),
+        (scale is not None and math.isfinite(scale) and scale > 0, f"--head-scale must be finite and > 0, got {scale}"),
+        (margin is not None and 0 <= margin < math.pi / 2, f"--head-margin must be in [0, π/2), got {margin}"),
+    ]
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:

@@ -22,22 +22,24 @@ from tqdm import tqdm
 from training.center_loss import CenterLoss
 from training.config import TrainConfig
 from training.distributed import Runtime, all_ranks, reduce_sum
+from training.heads import build_head
 from training.models import build_model
 
 STEP_MILESTONES = (0.5, 0.75)  # --schedule step: lr × 0.1 after half and three quarters of the epochs
 
 
 class TrainNet(nn.Module):
-    """The embedding network plus the training-only softmax head, as one module for DDP."""
+    """The embedding network plus the training-only head (:mod:`training.heads`), as one module for DDP."""
 
-    def __init__(self, embed: nn.Module, classifier: nn.Linear) -> None:
+    def __init__(self, embed: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.embed = embed
-        self.classifier = classifier
+        self.head = head
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and logits; the margin heads need the labels to put their margin on the target."""
         features = self.embed(images)
-        return features, self.classifier(features)
+        return features, self.head(features, labels)
 
 
 def build_embed(config: TrainConfig) -> nn.Module:
@@ -86,7 +88,7 @@ class Trainer:
     config: TrainConfig
     runtime: Runtime
     embed: nn.Module
-    classifier: nn.Linear
+    head: nn.Module  # training-only: never in the bundle
     center_loss: CenterLoss
     net: nn.Module  # TrainNet, possibly wrapped by DDP and/or torch.compile
     optimizer: torch.optim.Optimizer
@@ -97,7 +99,7 @@ class Trainer:
         return {
             "epoch": epoch,
             "model": self.embed.state_dict(),
-            "classifier": self.classifier.state_dict(),
+            "head": self.head.state_dict(),
             "center_loss": self.center_loss.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -110,7 +112,7 @@ class Trainer:
 
     def load(self, checkpoint: dict[str, Any]) -> None:
         self.embed.load_state_dict(checkpoint["model"])
-        self.classifier.load_state_dict(checkpoint["classifier"])
+        self.head.load_state_dict(checkpoint["head"] if "head" in checkpoint else checkpoint["classifier"])
         self.center_loss.load_state_dict(checkpoint["center_loss"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -146,7 +148,7 @@ class Trainer:
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-                features, logits = self.net(images)
+                features, logits = self.net(images, labels)
             softmax_loss = F.cross_entropy(logits.float(), labels)
             # λ = 0: the centers still follow the features (for nearest-center accuracy), without gradient
             center = self.center_loss(features if config.center_weight > 0 else features.detach(), labels)
@@ -203,9 +205,9 @@ def _postfix(s: list[float], elapsed: float) -> dict[str, str]:
 def build_trainer(config: TrainConfig, runtime: Runtime, num_classes: int, steps_per_epoch: int) -> Trainer:
     torch.manual_seed(config.seed)  # same initial weights on every rank
     embed = build_embed(config)
-    classifier = nn.Linear(config.feat_dim, num_classes)
+    head = build_head(config.head, config.feat_dim, num_classes, config.head_scale, config.head_margin)
     center_loss = CenterLoss(num_classes, config.feat_dim, alpha=config.center_alpha).to(runtime.device)
-    train_net = TrainNet(embed, classifier).to(runtime.device)
+    train_net = TrainNet(embed, head).to(runtime.device)
     if config.channels_last:
         train_net = train_net.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(train_net, config)
@@ -217,4 +219,4 @@ def build_trainer(config: TrainConfig, runtime: Runtime, num_classes: int, steps
         )
     if config.compile:
         net = torch.compile(net)  # type: ignore[assignment]
-    return Trainer(config, runtime, embed, classifier, center_loss, net, optimizer, scheduler)
+    return Trainer(config, runtime, embed, head, center_loss, net, optimizer, scheduler)

@@ -43,7 +43,7 @@ def finish(
     logits = None
     if closed is not None:
         with torch.no_grad():
-            logits = trainer.classifier(torch.from_numpy(closed[0]).to(device)).float().cpu().numpy()
+            logits = trainer.head(torch.from_numpy(closed[0]).to(device)).float().cpu().numpy()  # no margin
     calibrated_on = "held-out identities"
     if heldout is None:  # no unseen identities: pairs of the test images of training identities (optimistic)
         heldout, calibrated_on = closed, "test images of training identities (no held-out identities)"
