@@ -192,9 +192,19 @@ def shutdown(state: ServiceState) -> None:
         state.gallery.close()
 
 
+def warn_if_open(settings: Settings) -> None:
+    """An open service is fine on a laptop and a disaster on a network: say so on every start."""
+    if not settings.auth_enabled:
+        logger.warning(
+            "NO API KEYS CONFIGURED: anyone who can reach this service can read, enroll and delete gallery "
+            "entries; set CENTERID_API_KEYS (and CENTERID_ADMIN_KEYS) before exposing it"
+        )
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
+    warn_if_open(state.settings)
     try:
         await run_in_threadpool(load_components, state)
     except StartupError as error:

@@ -77,6 +77,21 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
+    # -- the server process (``python -m service``; see service/server.py) -------------------------------
+    allow_anonymous: bool = Field(
+        False, description="serve on a non-loopback CENTERID_HOST with no API keys configured (open to anyone)"
+    )
+    header_timeout_s: float = Field(10.0, ge=0, description="seconds for a whole request header; 0 = none")
+    body_timeout_s: float = Field(60.0, ge=0, description="seconds for a whole request body after its header; 0 = none")
+    max_connections: int = Field(
+        1000, ge=1, description="open connections at most (lowered to fit `ulimit -n` minus CENTERID_BACKLOG)"
+    )
+    timeout_keep_alive_s: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    limit_concurrency: int = Field(0, ge=0, description="answer 503 past this many connections or tasks; 0 = off")
+    limit_max_requests: int = Field(0, ge=0, description="exit after this many requests (for a supervisor); 0 = off")
+    backlog: int = Field(128, ge=1, description="connections the kernel queues before the server accepts them")
+    max_header_bytes: int = Field(16384, ge=1024, description="largest request header (h11 incomplete-event size)")
+
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _normalise_keys(cls, value: object) -> str:

@@ -31,6 +31,12 @@ async def health() -> Health:
     return Health(status="ok")
 
 
+@router.head("/health", include_in_schema=False)
+async def health_head() -> Response:
+    """Liveness for probes that send HEAD (load balancers, `curl -I`)."""
+    return Response(status_code=200, media_type="application/json")
+
+
 @router.get("/ready", response_model=Health, responses=errors())
 async def ready(state: Annotated[ServiceState, Depends(get_state)]) -> Health:
     """Readiness: 200 once the model is loaded and warm and the gallery indexed, 503 before (no key needed)."""
