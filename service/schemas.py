@@ -189,6 +189,9 @@ class ThresholdInUse(BaseModel):
     mode: Literal["pair", "gallery", "centers"]
     value: float | None = Field(description="null: requests must give a threshold")
     basis: ThresholdBasis
+    refreshed_at: str | None = Field(
+        description="when the value was last computed (fpir: the last refresh; far: the bundle's creation)"
+    )
 
 
 class StrangerOut(BaseModel):

@@ -104,6 +104,8 @@ def test_verify_and_info_state_the_pair_threshold_origin(client: TestClient, fac
         ("identify", "gallery"),
         ("identify", "centers"),
     ]
+    assert info["thresholds"][0]["refreshed_at"] == bundle.metadata["created_at"]
+    assert info["thresholds"][1]["refreshed_at"] == info["thresholds"][1]["basis"]["refreshed_at"] is not None
 
 
 def test_an_uncalibrated_bundle_says_so(tmp_path: Path, bundle_dir: Path, faces: Faces) -> None:

@@ -3,6 +3,7 @@ different ones, ships the choosing half as strangers, and marks (loudly) what it
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training import evaluate
 from training.bundle import load_bundle
+from training.calibration import wilson_interval
 from training.datasets import export_digits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +58,12 @@ def test_default_holds_out_identities_and_never_reports_on_the_choosers(digits: 
     assert far["low"] <= bundle.threshold.far <= far["high"] and bundle.threshold.calibrated is True
     np.testing.assert_allclose(np.linalg.norm(bundle.strangers.embeddings, axis=1), 1.0, atol=1e-5)
     assert "reported FAR (95% Wilson)" in result.stdout and "UNCALIBRATED" not in result.stderr
+    out = tmp_path / "eval.json"  # the standalone evaluation reports the shipped value with counts and interval
+    assert evaluate.main(["--bundle", str(tmp_path / "b"), "--data", str(digits), "--json", str(out)]) == 0
+    shipped = json.loads(out.read_text())["bundle_threshold"]
+    estimate = shipped["far_estimate"]
+    assert estimate["rate"] == pytest.approx(shipped["far"]) and estimate["total"] > 0
+    assert (estimate["low"], estimate["high"]) == pytest.approx(wilson_interval(estimate["count"], estimate["total"]))
 
 
 def test_one_held_out_identity_is_marked_uncalibrated_and_warned_about(digits: Path, tmp_path: Path) -> None:

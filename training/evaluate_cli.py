@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from training.bundle import BundleError, load_bundle
+from training.calibration import INTERVAL, rate_estimate
 from training.data import DataError, ImageDataset, make_loader, scan_image_folder
 from training.evaluate import evaluate_embeddings, format_results, rates_at
 from training.pairs import MAX_PAIRS
@@ -111,8 +112,16 @@ def evaluate_bundle(
     if closed is not None:
         results["closed_set"]["note"] += "; images of bundle identities, possibly including their training images"
     if bundle.threshold is not None and len(negative):
-        tar, far = rates_at(positive, negative, bundle.threshold.value)
-        results["bundle_threshold"] = {"value": bundle.threshold.value, "tar": tar, "far": far}
+        value = bundle.threshold.value
+        tar, far = rates_at(positive, negative, value)
+        results["bundle_threshold"] = {
+            "value": value,
+            "tar": tar,
+            "far": far,
+            "far_estimate": rate_estimate(int(np.sum(negative >= value)), len(negative)),
+            "tar_estimate": rate_estimate(int(np.sum(positive >= value)), len(positive)),
+            "interval": INTERVAL,
+        }
     results.update(
         bundle=str(bundle_dir), data=str(data_dir), flip_tta=flip_tta, skipped_images=len(folder.samples) - len(labels)
     )

@@ -98,8 +98,15 @@ def _thresholds_in_force(state: ServiceState) -> list[ThresholdInUse]:
     fixed = state.settings.threshold
     points = [("verify", "pair", verify_point(None, fixed, state.bundle.threshold if state.bundle else None))]
     points += [("identify", mode, identify_point(None, fixed, state.operating_point, mode)) for mode in MODES]
+    created = state.bundle.metadata.get("created_at") if state.bundle else None
     return [
-        ThresholdInUse(use=use, mode=mode, value=point.value, basis=ThresholdBasis(**point.basis))
+        ThresholdInUse(
+            use=use,
+            mode=mode,
+            value=point.value,
+            basis=ThresholdBasis(**point.basis),
+            refreshed_at=point.basis.get("refreshed_at") or (created if point.basis["kind"] == "far" else None),
+        )
         for use, mode, point in points
     ]
 
