@@ -245,7 +245,6 @@ class OperatingPoint:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-        self.refreshes = 0
 
     # -- what requests read ------------------------------------------------------------------------------
     @property
@@ -259,10 +258,6 @@ class OperatingPoint:
             value = self.pair_threshold.value if self.pair_threshold is not None else None
             return Point(value, far_basis(self.pair_threshold, NO_STRANGERS))  # type: ignore[arg-type]
         return point
-
-    @property
-    def computed_generation(self) -> int | None:
-        return None if self._computed is None else self._computed[0]
 
     # -- refreshing --------------------------------------------------------------------------------------
     def strangers_changed(self) -> None:
@@ -290,7 +285,6 @@ class OperatingPoint:
             self._centers_version = key[1]
         points["gallery"].basis["generation"] = key[0]
         self._points, self._computed = points, key
-        self.refreshes += 1
         if self.on_refresh is not None:
             self.on_refresh(points)
         return True
