@@ -42,7 +42,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MPLBACKEND=Agg \
     CENTERID_BUNDLE=/bundles/demo \
-    CENTERID_DATA_DIR=/gallery
+    CENTERID_DATA_DIR=/gallery \
+    CENTERID_HOST=0.0.0.0 \
+    CENTERID_PORT=8000
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/centerid centerid \
     && mkdir -p /bundles /gallery /samples /data \
     && chown centerid:centerid /bundles /gallery /samples /data
@@ -53,4 +55,6 @@ VOLUME ["/bundles", "/gallery"]
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
-CMD ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000"]
+# python -m service, not bare uvicorn: header/body deadlines and the connection cap (service/server.py), and
+# no open service on 0.0.0.0 unless CENTERID_API_KEYS is set or CENTERID_ALLOW_ANONYMOUS=true says so.
+CMD ["python", "-m", "service"]

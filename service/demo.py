@@ -39,6 +39,7 @@ from PIL import Image
 from service.embedder import Embedder
 from service.gallery import Gallery, GalleryError
 from service.operating_point import DEFAULT_TARGET_FPIR, OperatingPoint
+from service.server import StartupRefused, check_exposure
 from training.bundle import Bundle, BundleError, load_bundle, read_metadata
 from training.data import DataError, scan_image_folder
 from training.datasets import export_orl
@@ -331,17 +332,18 @@ def announce_when_ready(base_url: str, lines: list[str], timeout: float = 300.0)
 
 
 def serve(bundle: Path, gallery_dir: Path, host: str, port: int, lines_for: Callable[[str, bool], list[str]]) -> None:
-    """Run uvicorn in this process; ``lines_for(base_url, needs_key)`` gives the curl lines to announce."""
-    import uvicorn
-
+    """Run the hardened server (``service.server``) in this process; ``lines_for(base_url, needs_key)`` gives
+    the curl lines to announce."""
     from service.app import create_app
+    from service.server import serve as run_server
     from service.settings import Settings
 
     settings = Settings(bundle=bundle, data_dir=gallery_dir, host=host, port=port)  # other CENTERID_* still apply
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     lines = lines_for(base_url, bool(settings.api_key_list))
     threading.Thread(target=announce_when_ready, args=(base_url, lines), daemon=True).start()
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level)
+    if not run_server(create_app(settings), settings):
+        raise DemoError("the service did not start (see the log above)")
 
 
 # -----------------------------------------------------------------------------
@@ -397,6 +399,14 @@ def bootstrap(args: argparse.Namespace, training_args: list[str]) -> dict[str, d
 def main(argv: list[str] | None = None) -> int:
     args, training_args = parse_args(argv)
     started = time.perf_counter()
+    if not args.no_serve:
+        from service.settings import Settings
+
+        try:  # before minutes of training, not after
+            check_exposure(Settings(host=args.host, port=args.port))
+        except StartupRefused as error:
+            print(f"centerid cannot start: {error}", file=sys.stderr)
+            return 2
     try:
         samples = bootstrap(args, training_args)
     except (DemoError, DataError, BundleError, GalleryError, OSError) as error:
@@ -408,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         base_url = f"http://127.0.0.1:{args.port}"
         announce(base_url, curl_lines(base_url, folder, samples, auth=False))
         return 0
-    serve(args.bundle, args.gallery, args.host, args.port, lambda url, auth: curl_lines(url, folder, samples, auth))
+    try:
+        serve(args.bundle, args.gallery, args.host, args.port, lambda url, auth: curl_lines(url, folder, samples, auth))
+    except (StartupRefused, DemoError) as error:
+        print(f"centerid cannot start: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -171,7 +171,7 @@ def _rehash(root: Path, name: str) -> None:
 
 
 def _rewrite_weights(root: Path, name: str, change: object) -> None:
-    tensors = load_file(str(root / name))
+    tensors = {key: tensor.clone() for key, tensor in load_file(str(root / name)).items()}  # off the file's mmap
     change(tensors)
     save_file(tensors, str(root / name))
     _rehash(root, name)

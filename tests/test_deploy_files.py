@@ -8,6 +8,7 @@ file runs the project's own CLIs, their real argument parsers must accept the ar
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -135,7 +136,38 @@ def test_dockerfile_is_multistage_non_root_with_healthcheck(dockerfile: list[str
     (health,) = [line for line in runtime if line.startswith("HEALTHCHECK ")]
     assert "http://127.0.0.1:8000/ready" in health and "curl" not in health
     (cmd,) = [line for line in runtime if line.startswith("CMD ")]
-    assert json.loads(cmd[4:]) == ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000"]
+    assert json.loads(cmd[4:]) == ["python", "-m", "service"]  # the hardened server, not bare uvicorn
+    (env,) = [line for line in runtime if line.startswith("ENV ") and "CENTERID_HOST" in line]
+    assert "CENTERID_HOST=0.0.0.0" in env and "CENTERID_PORT=8000" in env
+    assert "CENTERID_ALLOW_ANONYMOUS" not in env  # a bare `docker run` of an open service refuses to start
+
+
+def dockerfile_env(dockerfile: list[str]) -> dict[str, str]:
+    runtime = dockerfile[dockerfile.index("FROM ${BASE_IMAGE} AS runtime") :]
+    pairs = [item.split("=", 1) for line in runtime if line.startswith("ENV ") for item in line[4:].split()]
+    return {name: value for name, value in pairs}
+
+
+def test_compose_api_environment_passes_the_exposure_check(
+    services: dict[str, str], dockerfile: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the api container would read at start (image ENV, then compose's environment with nothing set
+    in the shell): an open demo on 0.0.0.0 must be allowed explicitly, or the container exits."""
+    from service.server import StartupRefused, check_exposure
+    from service.settings import Settings
+
+    compose_env = {k: defaults(v) for k, v in children(path(services["api"], "environment")).items()}
+    assert compose_env["CENTERID_ALLOW_ANONYMOUS"] == "true" and compose_env["CENTERID_API_KEYS"] == ""
+    for name in [n for n in os.environ if n.startswith("CENTERID_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**dockerfile_env(dockerfile), **compose_env}.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.host == "0.0.0.0" and not settings.auth_enabled
+    check_exposure(settings)
+    monkeypatch.setenv("CENTERID_ALLOW_ANONYMOUS", "false")
+    with pytest.raises(StartupRefused, match="CENTERID_ALLOW_ANONYMOUS"):
+        check_exposure(Settings())
 
 
 def test_dockerfile_torch_is_pinned_cpu_by_default_from_local_wheels(dockerfile: list[str]) -> None:

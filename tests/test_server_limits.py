@@ -250,3 +250,27 @@ def test_head_health_answers_200(client: object) -> None:
     response = client.head("/health")  # type: ignore[attr-defined]
     assert response.status_code == 200 and response.content == b""
     assert client.get("/health").json() == {"status": "ok"}  # type: ignore[attr-defined]
+
+
+def test_closed_connections_are_logged_as_one_summary_per_interval(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flood must not flood the log: one line per REPORT_EVERY_S however many connections were closed."""
+    from service import server as server_module
+
+    now = [1000.0]
+    monkeypatch.setattr(server_module.time, "monotonic", lambda: now[0])
+    closed = server_module.ClosedConnections()
+    with caplog.at_level("WARNING", logger="centerid.server"):
+        for _ in range(500):
+            closed.add("header timeout")
+        closed.add("evicted over the connection cap")
+        assert caplog.records == []  # within the first interval: counted, not logged
+        now[0] += server_module.REPORT_EVERY_S
+        closed.add("header timeout")
+        for _ in range(300):
+            closed.add("header timeout")  # the next interval has just begun: silent again
+    assert [record.getMessage() for record in caplog.records] == [
+        "closed connections in the last 10 s: 1 evicted over the connection cap, 501 header timeout"
+    ]
+    assert closed.total == {"header timeout": 801, "evicted over the connection cap": 1}

@@ -4,6 +4,7 @@ and a model upgrade that re-embeds the gallery before the service reports ready.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -15,10 +16,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, Server, orl_bytes, service_client
+from safetensors.torch import load_file
 
 from service.gallery import DB_FILE, Gallery
-from training.bundle import MODEL_FILE, load_bundle
+from training.bundle import BUNDLE_JSON, MODEL_FILE, load_bundle, sha256_file
 
 
 def gallery_rows(data_dir: Path) -> dict[str, int]:
@@ -122,6 +125,21 @@ def broken_bundle(kind: str, bundle_dir: Path, tmp_path: Path) -> tuple[dict[str
         return {"CENTERID_BUNDLE": str(tmp_path / "nope")}, "bundle folder not found"
     copy = tmp_path / "tampered"
     shutil.copytree(bundle_dir, copy)
+    meta_path = copy / BUNDLE_JSON
+    metadata = json.loads(meta_path.read_text())
+    if kind == "pickled":  # a torch pickle under the safetensors name, its hash fixed to match
+        weights = {name: tensor.clone() for name, tensor in load_file(str(copy / MODEL_FILE)).items()}  # off the mmap
+        torch.save(weights, copy / MODEL_FILE)
+        metadata["files"][MODEL_FILE] = sha256_file(copy / MODEL_FILE)
+        meta_path.write_text(json.dumps(metadata))
+        return {"CENTERID_BUNDLE": str(copy)}, "is not a readable safetensors file"
+    if kind == "threshold 5.0":
+        metadata["threshold"]["value"] = 5.0
+        meta_path.write_text(json.dumps(metadata))
+        return {"CENTERID_BUNDLE": str(copy)}, "outside [-1, 1]"
+    if kind == "json list":
+        meta_path.write_text("[]")
+        return {"CENTERID_BUNDLE": str(copy)}, "must hold a JSON object"
     with (copy / MODEL_FILE).open("ab") as handle:
         handle.write(b"\x00")
     return {"CENTERID_BUNDLE": str(copy)}, "sha256 mismatch"
@@ -134,6 +152,9 @@ def broken_bundle(kind: str, bundle_dir: Path, tmp_path: Path) -> tuple[dict[str
         ("missing", ["uvicorn", "service.app:app", "--port", "0"]),
         ("tampered", ["uvicorn", "service.app:app", "--port", "0"]),
         ("unset", ["service"]),
+        ("pickled", ["service"]),
+        ("threshold 5.0", ["service"]),
+        ("json list", ["uvicorn", "service.app:app", "--port", "0"]),
     ],
 )
 def test_bad_bundle_exits_non_zero_with_one_clear_line(
