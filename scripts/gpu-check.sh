@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU session: CUDA training with AMP and channels-last, DDP through torchrun on every GPU,
+# The one prepared GPU session: CUDA training with AMP and channels-last (softmax, cosface and arcface heads,
+# each with the default λ·center loss), DDP through torchrun on every GPU,
 # the center-loss op benchmark on CUDA, then the MNIST replication on all of MNIST. Everything it writes
 # lands in one tarball, $OUT/gpu-check.tar.gz (logs, bench/results JSON, plots, the run's metrics).
 #
@@ -49,6 +50,10 @@ GPUS=$($PY -c "import torch; print(max(torch.cuda.device_count(), 1) if '$DEVICE
 ORL=(--data "$CARRY/orl" --holdout-identities 10 --epochs "$ORL_EPOCHS" --device "$DEVICE")
 
 step "train AMP (1 process)" $PY -m training "${ORL[@]}" "${AMP_FLAGS[@]}" --output "$WORK/orl-amp"
+for head in cosface arcface; do  # the margin heads at the papers' s and m, fp32 logits inside bf16 autocast
+    step "train AMP $head head (1 process)" $PY -m training "${ORL[@]}" "${AMP_FLAGS[@]}" --head "$head" \
+        --output "$WORK/orl-amp-$head"
+done
 step "train DDP ($GPUS processes)" $PY -m torch.distributed.run --standalone --nproc_per_node="$GPUS" \
     -m training "${ORL[@]}" "${AMP_FLAGS[@]}" --output "$WORK/orl-ddp"
 step "train fp32 baseline" $PY -m training "${ORL[@]}" --output "$WORK/orl-fp32"
@@ -56,7 +61,8 @@ step "center-loss op benchmark" $PY -m bench.center_loss_op --device "$DEVICE" "
     --markdown "$WORK/center_loss_op_$DEVICE.md"
 step "MNIST replication" timeout "$MNIST_SECONDS" $PY -m bench.paper_mnist "${MNIST_ARGS[@]}" --device "$DEVICE"
 
-for run in orl-amp orl-ddp orl-fp32; do  # the evidence of each training run, without the weights
+# the evidence of each training run, without the weights
+for run in orl-amp orl-amp-cosface orl-amp-arcface orl-ddp orl-fp32; do
     mkdir -p "$WORK/keep/$run"
     cp "$WORK/$run"/{bundle.json,metrics.jsonl} "$WORK/keep/$run/" 2>/dev/null
 done

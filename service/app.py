@@ -28,10 +28,12 @@ from service.errors import envelope, install_error_handlers
 from service.gallery import Gallery, GalleryError, IndexParams
 from service.images import configure_pillow
 from service.metrics import Metrics, MetricsMiddleware
+from service.operating_point import MODES, NO_STRANGERS, OperatingPoint
 from service.routes import ROUTERS
 from service.routes.common import ServiceState
 from service.routes.system import service_version
 from service.settings import Settings
+from service.strangers import StrangerError, StrangerStore
 from training.bundle import BundleError, load_bundle
 
 logger = logging.getLogger("centerid.service")
@@ -82,6 +84,12 @@ def load_components(state: ServiceState) -> None:
         )
     except GalleryError as error:
         raise StartupError(f"cannot open the gallery: {error}") from None
+    try:
+        state.strangers = StrangerStore.open(
+            settings.data_dir, bundle.feat_dim, bundle.fingerprint, settings.max_strangers
+        )
+    except StrangerError as error:
+        raise StartupError(f"cannot open the stranger store: {error}") from None
     state.metrics.bind(lambda: state.embedder.queue_depth if state.embedder else 0, lambda: state.gallery.size)
     logger.info(
         "loaded %s (%s classes, dim %d, threshold %s); gallery %s: %d entries",
@@ -116,12 +124,49 @@ def reembed_gallery(state: ServiceState) -> None:
     gallery.reembed(embedder.embed_bytes, batch_size=max(state.settings.max_batch, 1), progress=progress)
 
 
+def start_operating_point(state: ServiceState) -> None:
+    """Strangers up to date with the model, the first /identify thresholds computed, then followed."""
+    bundle, strangers, embedder = state.bundle, state.strangers, state.embedder
+    assert bundle is not None and strangers is not None and embedder is not None and state.gallery is not None
+    if strangers.pending_reembed:
+        logger.info("re-embedding %d operator strangers with the current model", strangers.pending_reembed)
+        strangers.reembed(embedder.embed_bytes, batch_size=max(state.settings.max_batch, 1))
+    if bundle.threshold is not None and bundle.threshold.calibrated is False:
+        warnings = "; ".join((bundle.threshold.calibration or {}).get("warnings", []))
+        logger.warning("the bundle's pair threshold is NOT calibrated: %s", warnings)
+
+    def observe(_: object) -> None:
+        live = state.operating_point
+        if live is not None:
+            points = {mode: live.point(mode) for mode in MODES}
+            values = {mode: (p.basis["kind"], p.value) for mode, p in points.items() if p.value is not None}
+            shipped = 0 if bundle.strangers is None else len(bundle.strangers.identities)
+            state.metrics.observe_identify_thresholds(values, strangers.count() + shipped)
+
+    live = OperatingPoint(
+        state.gallery,
+        state.centers if state.centers is not None else np.zeros((0, bundle.feat_dim), np.float32),
+        bundle.strangers,
+        strangers.vectors,
+        state.settings.target_fpir,
+        bundle.threshold,
+        state.settings.fpir_refresh_s,
+        state.settings.fpir_strangers,
+        on_refresh=observe,
+    )
+    state.operating_point = live
+    live.start()
+    if not live.has_strangers:
+        logger.warning(NO_STRANGERS)
+
+
 async def finish_startup(state: ServiceState) -> None:
     try:
         await run_in_threadpool(reembed_gallery, state)
+        await run_in_threadpool(start_operating_point, state)
     except Exception as error:  # the process stays up (and not ready) so that /ready can say why
-        state.status = f"re-embedding the gallery failed: {error}"
-        logger.error("re-embedding the gallery failed: %s", error)
+        state.status = f"finishing startup failed: {error}"
+        logger.error("finishing startup (re-embedding the gallery or strangers, first thresholds) failed: %s", error)
         return
     # The model, torch, FastAPI and FAISS leave ~200k long-lived objects that every full collection would
     # walk (a 150-400 ms pause in the middle of requests on 2 cores): move them out of the collector's sight.
@@ -139,6 +184,10 @@ def shutdown(state: ServiceState) -> None:
     state.metrics.ready.set(0)
     if state.embedder is not None:
         state.embedder.stop()
+    if state.operating_point is not None:
+        state.operating_point.stop()
+    if state.strangers is not None:
+        state.strangers.close()
     if state.gallery is not None:
         state.gallery.close()
 

@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from service.embedder import Embedder
 from service.gallery import Gallery, GalleryError
+from service.operating_point import DEFAULT_TARGET_FPIR, OperatingPoint
 from service.server import StartupRefused, check_exposure
 from training.bundle import Bundle, BundleError, load_bundle, read_metadata
 from training.data import DataError, scan_image_folder
@@ -216,14 +218,20 @@ def identify_unseen(
     gallery_dir: Path, bundle: Bundle, embedder: Embedder, data: Path, cast: Cast
 ) -> dict[str, str | None]:
     """What /identify answers for every image the gallery never saw: the best identity at or above the
-    bundle's threshold, else None (the service's rule, with its gallery search)."""
-    if bundle.threshold is None:
-        raise DemoError(f"{bundle.path} has no calibrated threshold")
+    service's default /identify threshold (its live operating point, with its gallery search), else None."""
     sources = [f"{name}/{image}" for name, images in cast.unseen.items() for image in images]
     vectors = embedder.embed_bytes([(data / source).read_bytes() for source in sources])
     with Gallery.open(gallery_dir, bundle.feat_dim, bundle.fingerprint) as gallery:
         best = [matches[0] if matches else None for matches in gallery.search_labels(vectors, 1)]
-    limit = bundle.threshold.value
+        no_operator_strangers = (np.zeros((0, bundle.feat_dim), np.float32), [])
+        centers = np.zeros((0, bundle.feat_dim), np.float32)
+        live = OperatingPoint(
+            gallery, centers, bundle.strangers, lambda: no_operator_strangers, DEFAULT_TARGET_FPIR, bundle.threshold
+        )
+        live.refresh()
+        limit = live.point("gallery").value
+    if limit is None:
+        raise DemoError(f"{bundle.path} has neither strangers nor a calibrated threshold")
     return {s: m.label if m is not None and m.similarity >= limit else None for s, m in zip(sources, best, strict=True)}
 
 

@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.gallery_input import GalleryError
+
 logger = logging.getLogger("centerid.service")
 
 
@@ -116,6 +118,12 @@ async def _http_error(_: Request, error: Exception) -> JSONResponse:
     return error_response(error.status_code, code, message, getattr(error, "headers", None))
 
 
+async def _gallery_error(_: Request, error: Exception) -> JSONResponse:
+    """Gallery errors carry their status: 422 for bad input (the message names the field), else 503."""
+    assert isinstance(error, GalleryError)
+    return error_response(error.status, error.code, str(error))
+
+
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "internal server error")
@@ -125,4 +133,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(GalleryError, _gallery_error)
     app.add_exception_handler(Exception, _unexpected_error)

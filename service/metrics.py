@@ -41,6 +41,16 @@ class Metrics:
         self.queue_depth = Gauge("centerid_queue_depth", "images waiting for a forward pass", registry=r)
         self.gallery_size = Gauge("centerid_gallery_entries", "entries in the gallery search index", registry=r)
         self.ready = Gauge("centerid_ready", "1 when the service is ready to serve", registry=r)
+        self.identify_threshold = Gauge(
+            "centerid_identify_threshold",
+            "/identify threshold in force by mode: the FPIR operating point (the pair threshold without strangers)",
+            ["mode", "kind"],
+            registry=r,
+        )
+        self.identify_threshold_refreshes = Counter(
+            "centerid_identify_threshold_refreshes", "recomputations of the /identify threshold", registry=r
+        )
+        self.strangers = Gauge("centerid_strangers", "stranger images setting the /identify threshold", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -50,6 +60,14 @@ class Metrics:
         """Gauges read live values at scrape time instead of being pushed."""
         self.queue_depth.set_function(queue_depth)
         self.gallery_size.set_function(gallery_size)
+
+    def observe_identify_thresholds(self, values: dict[str, tuple[str, float]], strangers: int) -> None:
+        """After each recomputation: ``{mode: (basis kind, threshold)}`` and the stranger count."""
+        self.identify_threshold.clear()  # a mode's kind can change (far → fpir once strangers exist)
+        for mode, (kind, value) in values.items():
+            self.identify_threshold.labels(mode, kind).set(value)
+        self.identify_threshold_refreshes.inc()
+        self.strangers.set(strangers)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

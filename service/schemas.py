@@ -28,12 +28,48 @@ class EmbedResponse(BaseModel):
     embeddings: list[list[float]] = Field(description="L2-normalised, one row per uploaded file, in upload order")
 
 
+class ThresholdBasis(BaseModel):
+    """Where a threshold comes from. ``fpir``: measured on strangers against the live gallery (or the centers);
+    ``far``: the bundle's pair threshold; ``request``/``settings``: given by the request or CENTERID_THRESHOLD.
+    Further keys (counts, intervals, refresh time, caveats) depend on the kind."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "kind": "fpir",
+                    "target": 0.01,
+                    "gallery_identities": 120,
+                    "strangers": 2000,
+                    "calibrated": True,
+                    "fpir_cross_validated": {"rate": 0.011, "count": 22, "total": 2000, "low": 0.007, "high": 0.017},
+                    "refreshed_at": "2025-01-01T12:00:00.000+00:00",
+                }
+            ]
+        },
+    )
+    kind: Literal["fpir", "far", "request", "settings"]
+    target: float | None = Field(description="the FPIR or FAR the value is set for (null: request or settings)")
+
+
+FAR_BASIS_EXAMPLE = {"kind": "far", "target": 0.001, "calibrated": True}
+
+
 class VerifyResponse(BaseModel):
     model_config = _example(
-        {"similarity": 0.71, "threshold": 0.42, "match": True, "model": "resnet18-3f2a9c1b7d4e", "label": None}
+        {
+            "similarity": 0.71,
+            "threshold": 0.42,
+            "threshold_basis": FAR_BASIS_EXAMPLE,
+            "match": True,
+            "model": "resnet18-3f2a9c1b7d4e",
+            "label": None,
+        }
     )
     similarity: float = Field(description="cosine similarity (best over the label's entries in label mode)")
     threshold: float
+    threshold_basis: ThresholdBasis
     match: bool = Field(description="similarity ≥ threshold")
     model: str
     label: str | None = Field(None, description="the enrolled identity compared against (label mode)")
@@ -51,6 +87,7 @@ class IdentifyResponse(BaseModel):
             "identity": "alice",
             "matches": [{"label": "alice", "similarity": 0.83, "entry_id": 12}, {"label": "bob", "similarity": 0.2}],
             "threshold": 0.42,
+            "threshold_basis": {"kind": "fpir", "target": 0.01, "gallery_identities": 2, "strangers": 2000},
             "mode": "gallery",
             "model": "resnet18-3f2a9c1b7d4e",
         }
@@ -58,6 +95,7 @@ class IdentifyResponse(BaseModel):
     identity: str | None = Field(description="best label, or null when its similarity is below the threshold")
     matches: list[IdentifyMatch] = Field(description="up to k identities, most similar first")
     threshold: float
+    threshold_basis: ThresholdBasis
     mode: Literal["gallery", "centers"]
     model: str
 
@@ -140,6 +178,46 @@ class ThresholdInfo(BaseModel):
     target_far: float | None = None
     far: float | None = Field(None, description="false accept rate measured at this threshold on held-out pairs")
     tar: float | None = None
+    calibrated: bool | None = Field(
+        None, description="false: too few held-out identities or pairs (see warnings); null: not recorded"
+    )
+    warnings: list[str] = Field(default_factory=list, description="why the threshold is not calibrated")
+
+
+class ThresholdInUse(BaseModel):
+    use: Literal["verify", "identify"]
+    mode: Literal["pair", "gallery", "centers"]
+    value: float | None = Field(description="null: requests must give a threshold")
+    basis: ThresholdBasis
+    refreshed_at: str | None = Field(
+        description="when the value was last computed (fpir: the last refresh; far: the bundle's creation)"
+    )
+
+
+class StrangerOut(BaseModel):
+    id: int
+    label: str
+    created_at: str
+
+
+class StrangersAdded(BaseModel):
+    model_config = _example(
+        {
+            "label": "visitor-7",
+            "entries": [{"id": 3, "label": "visitor-7", "created_at": "2025-01-01T12:00:00.000+00:00"}],
+        }
+    )
+    label: str
+    entries: list[StrangerOut]
+
+
+class StrangerPage(BaseModel):
+    total: int = Field(description="operator stranger images")
+    offset: int
+    limit: int
+    entries: list[StrangerOut]
+    bundle_images: int = Field(description="stranger images shipped in the bundle (held-out identities)")
+    bundle_identities: int
 
 
 class GalleryInfo(BaseModel):
@@ -164,6 +242,10 @@ class Info(BaseModel):
                 "created_at": "2025-01-01T12:00:00+00:00",
             },
             "threshold": {"value": 0.42, "source": "bundle", "target_far": 0.001, "far": 0.0009, "tar": 0.93},
+            "thresholds": [
+                {"use": "verify", "mode": "pair", "value": 0.42, "basis": FAR_BASIS_EXAMPLE},
+                {"use": "identify", "mode": "gallery", "value": 0.61, "basis": {"kind": "fpir", "target": 0.01}},
+            ],
             "gallery": {
                 "size": 120,
                 "identities": 40,
@@ -177,6 +259,7 @@ class Info(BaseModel):
     )
     model: ModelInfo
     threshold: ThresholdInfo
+    thresholds: list[ThresholdInUse] = Field(description="every threshold in force, with how it was obtained")
     gallery: GalleryInfo
     max_batch: int
     version: str

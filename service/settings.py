@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.gallery import IndexParams
+from service.operating_point import DEFAULT_TARGET_FPIR
 
 MB = 1 << 20
 
@@ -61,6 +62,16 @@ class Settings(BaseSettings):
     )
     threshold: float | None = Field(
         None, ge=-1, le=1, description="cosine threshold overriding the bundle's calibrated one"
+    )
+    target_fpir: float = Field(
+        DEFAULT_TARGET_FPIR, gt=0, lt=1, description="/identify: the share of strangers that may be given a name (FPIR)"
+    )
+    fpir_refresh_s: float = Field(
+        0.5, ge=0, le=3600, description="least seconds between two recomputations of the /identify threshold"
+    )
+    max_strangers: int = Field(10_000, ge=0, description="most operator stranger images (POST /strangers)")
+    fpir_strangers: int = Field(
+        20_000, ge=1, description="most strangers searched per /identify threshold refresh (seeded subsample beyond)"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     host: str = "127.0.0.1"

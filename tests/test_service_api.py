@@ -1,7 +1,8 @@
 """The HTTP API end to end (ASGI, in process) on a model trained on real ORL faces.
 
-The training job held 10 identities out (``faces.holdout``): gallery tests enroll the first images of 8 of
-them and identify their other images, and the last 2 play strangers, as in deployment.
+The training job held 20 identities out; 10 are the bundle's strangers and 10 (``faces.holdout``) never
+touched the thresholds: gallery tests enroll the first images of 8 of those and identify their other images,
+and the last 2 play strangers, as in deployment.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def test_info_reports_bundle_threshold_and_gallery(client: TestClient, faces: Fa
     bundle = load_bundle(bundle_dir)
     info = client.get("/info").json()
     assert info["model"]["arch"] == "resnet18"
-    assert info["model"]["feat_dim"] == bundle.feat_dim and info["model"]["classes"] == 30
+    assert info["model"]["feat_dim"] == bundle.feat_dim and info["model"]["classes"] == 20
     assert info["model"]["input"]["height"] == bundle.preprocess.spec.height
     assert info["model"]["fingerprint"] == bundle.fingerprint == info["gallery"]["fingerprint"]
     assert info["model"]["created_at"] == bundle.metadata["created_at"]
@@ -164,12 +165,19 @@ def test_info_reports_bundle_threshold_and_gallery(client: TestClient, faces: Fa
 
 def test_threshold_setting_overrides_the_bundle(bundle_dir: Path, faces: Faces, tmp_path: Path) -> None:
     with TestClient(create_app(service_settings(bundle_dir, tmp_path, threshold=-1.0))) as client:
-        assert client.get("/info").json()["threshold"] == {"value": -1.0, "source": "settings"} | {
+        info = client.get("/info").json()
+        assert info["threshold"] == {"value": -1.0, "source": "settings", "calibrated": None, "warnings": []} | {
             k: None for k in ("target_far", "far", "tar")
         }
+        assert [(t["use"], t["value"], t["basis"]["kind"]) for t in info["thresholds"]] == [
+            ("verify", -1.0, "settings"),
+            ("identify", -1.0, "settings"),
+            ("identify", -1.0, "settings"),
+        ]
         pair = files(faces, "image_a", (faces.holdout[0], 1)) + files(faces, "image_b", (faces.train[0], 3))
         response = client.post("/verify", files=pair).json()
         assert response["match"] and response["threshold"] == -1.0
+        assert response["threshold_basis"]["kind"] == "settings"
 
 
 def test_metrics_expose_the_listed_series(client: TestClient, faces: Faces) -> None:
@@ -254,10 +262,20 @@ def test_a_bundle_without_threshold_needs_one_per_request(bundle_dir: Path, face
     shutil.copytree(bundle_dir, copy)
     metadata = json.loads((copy / "bundle.json").read_text())
     (copy / "bundle.json").write_text(json.dumps({**metadata, "threshold": None}))
+    probe = files(faces, "image", (faces.holdout[0], 1))
+    pair = files(faces, "image_a", (faces.holdout[0], 1)) + files(faces, "image_b", (faces.holdout[1], 1))
     with service_client(copy, tmp_path / "gallery") as client:
         assert client.get("/info").json()["threshold"]["source"] == "none"
-        probe = files(faces, "image", (faces.holdout[0], 1))
+        response = client.post("/verify", files=pair)
+        assert response.status_code == 422 and response.json()["error"]["message"].startswith("threshold:")
+        answer = client.post("/identify", files=probe).json()  # the strangers still set the 1:N threshold
+        assert answer["threshold_basis"]["kind"] == "fpir" and answer["threshold"] == 1.0  # empty gallery
+    del metadata["files"]["strangers.safetensors"]
+    (copy / "bundle.json").write_text(json.dumps({**metadata, "threshold": None, "strangers": None}))
+    with service_client(copy, tmp_path / "gallery2") as client:  # neither strangers nor a pair threshold
         response = client.post("/identify", files=probe)
         assert response.status_code == 422 and response.json()["error"]["message"].startswith("threshold:")
         answer = client.post("/identify", files=probe, data={"threshold": "0.5"}).json()
-        assert answer["threshold"] == 0.5
+        assert answer["threshold"] == 0.5 and answer["threshold_basis"] == {"kind": "request", "target": None} | {
+            "note": "given by the request"
+        }

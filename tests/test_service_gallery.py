@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.gallery import DB_FILE, Gallery, GalleryError, IndexParams, build_index, is_exact, validate_label
+from service.gallery import DB_FILE, Gallery, GalleryError, IndexParams, validate_label
+from service.index import build_index, is_exact
 
 DIM = 16
 KINDS = ["flat", "hnsw", "ivf"]
@@ -180,7 +181,7 @@ def test_bad_inputs_are_refused(tmp_path: Path) -> None:
             gallery.add("a", np.full((1, DIM), np.nan), [b"x"])
         with pytest.raises(GalleryError, match="JSON"):
             gallery.add("a", np.ones((1, DIM)), [b"x"], {"bad": {1, 2}})
-        with pytest.raises(GalleryError, match="k must be"):
+        with pytest.raises(GalleryError, match="k: must be"):
             gallery.search(np.ones(DIM), 0)
         assert gallery.count() == 0
     with pytest.raises(GalleryError, match="index kind"):
@@ -211,39 +212,64 @@ def test_one_process_per_folder_and_no_stale_lock_after_kill_9(tmp_path: Path) -
         assert gallery.count() == 1
 
 
-def test_concurrent_writers_and_searchers_stay_consistent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_concurrent_writers_and_searchers_stay_consistent(tmp_path: Path, kind: str) -> None:
+    """Every match a searcher sees during concurrent adds and deletes is an entry that was enrolled under
+    that label, with its true cosine similarity, and not one whose delete had returned before the search
+    began; once the writers stop, the index answers exactly what brute force over the survivors does."""
     vectors, _ = clustered(400, seed=9)
-    errors: list[BaseException] = []
-    with Gallery.open(tmp_path, DIM, "m", "hnsw") as gallery:
-        kept: list[int] = []
+    enrolled: dict[int, tuple[str, np.ndarray]] = {}  # every id ever added → (label, vector)
+    deleted: set[int] = set()  # ids whose delete_entry() has returned
+    seen: list[tuple[int, frozenset[int], list]] = []  # (query row, deleted before the search, matches)
+    lock, errors = threading.Lock(), []
+    with Gallery.open(tmp_path, DIM, "m", kind, params=IndexParams(tombstone_fraction=0.2)) as gallery:
 
         def writer(worker: int) -> None:
             try:
                 for i in range(25):
-                    rows = vectors[worker * 100 + 4 * i : worker * 100 + 4 * i + 4]
-                    entries = gallery.add(f"w{worker}", rows, [b"x"] * 4)
+                    first = worker * 100 + 4 * i
+                    entries = gallery.add(f"w{worker}-{i % 3}", vectors[first : first + 4], [b"x"] * 4)
+                    with lock:
+                        enrolled.update((e.id, (e.label, vectors[first + n])) for n, e in enumerate(entries))
                     gallery.delete_entry(entries[0].id)
-                    kept.extend(e.id for e in entries[1:])
+                    with lock:
+                        deleted.add(entries[0].id)
             except BaseException as error:
                 errors.append(error)
 
-        def searcher() -> None:
+        def searcher(offset: int) -> None:
             try:
-                for query in vectors[:150]:
-                    for match in gallery.search(query, 5)[0]:
-                        assert match.label.startswith("w")
+                for row in range(offset, 400, 3):
+                    with lock:
+                        gone = frozenset(deleted)
+                    seen.append((row, gone, gallery.search(vectors[row], 5)[0]))
             except BaseException as error:
                 errors.append(error)
 
         threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
-        threads += [threading.Thread(target=searcher) for _ in range(2)]
+        threads += [threading.Thread(target=searcher, args=(s,)) for s in range(3)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         assert not errors
+        assert sum(len(matches) for _, _, matches in seen) > 0
+        for row, gone, matches in seen:
+            assert len({m.entry_id for m in matches}) == len(matches)
+            for match in matches:
+                label, vector = enrolled[match.entry_id]  # KeyError: an id nobody enrolled
+                assert match.label == label and match.entry_id not in gone
+                assert match.similarity == pytest.approx(float(vector @ vectors[row]), abs=1e-5)
+            assert [m.similarity for m in matches] == sorted((m.similarity for m in matches), reverse=True)
+
+        kept = sorted(set(enrolled) - deleted)
         assert gallery.size == gallery.count() == gallery.index_count() == len(kept) == 300
-        assert sorted(gallery._state.label_of) == sorted(kept)
+        assert sorted(gallery._state.label_of) == kept
+        stored = np.stack([enrolled[i][1] for i in kept])
+        for row in range(0, 400, 7):
+            found = [m.entry_id for m in gallery.search(vectors[row], 5)[0]]
+            expected = brute_force(stored, kept, vectors[row], 5)
+            assert found == expected if kind == "flat" else found[0] == expected[0]
 
 
 def test_database_is_durable_wal_and_whole(tmp_path: Path) -> None:
@@ -265,3 +291,27 @@ def test_build_index_kinds_agree_on_nearest_neighbour() -> None:
         assert not is_exact(index)
         approx = index.search(queries, 1)[1][:, 0]
         assert (approx == exact).mean() >= 0.95, kind
+
+
+def test_generation_counts_committed_changes_only(tmp_path: Path) -> None:
+    vectors, _ = clustered(30, seed=12)
+    params = IndexParams(tombstone_fraction=0.05)  # the second delete below also rebuilds: still one change
+    with Gallery.open(tmp_path, DIM, "old", "hnsw", params=params) as gallery:
+        assert gallery.generation == 0
+        entries = gallery.add("a", vectors[:20], [b"%d" % i for i in range(20)])
+        assert gallery.generation == 1
+        with pytest.raises(GalleryError):
+            gallery.add("..", vectors[:1], [b"x"])  # refused before commit
+        with pytest.raises(GalleryError):
+            gallery.add("b", vectors[:1], [b"x"], {"n": float("nan")})
+        assert not gallery.delete_entry(10**9) and gallery.delete_label("nobody") == 0
+        assert gallery.generation == 1
+        gallery.delete_entry(entries[0].id)
+        gallery.delete_entry(entries[1].id)
+        assert gallery.generation == 3 and gallery._state.tombstones == set()  # rebuilt
+        gallery.add("b", vectors[20:], [b"x"] * 10)
+        assert gallery.delete_label("b") == 10 and gallery.generation == 5
+    with Gallery.open(tmp_path, DIM, "new", "flat") as gallery:
+        assert gallery.generation == 0
+        assert gallery.reembed(lambda blobs: vectors[: len(blobs)]) == 18 and gallery.generation == 1
+        assert gallery.reembed(lambda blobs: vectors[: len(blobs)]) == 0 and gallery.generation == 1

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from training import evaluate, train
 from training.bundle import load_bundle
+from training.checkpoint import check_resumable
 from training.datasets import export_digits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,23 +216,40 @@ def copy_test_folder(digits: Path, dest: Path, classes: list[str], per_class: in
     return dest
 
 
+def closed_set_predictions(features: np.ndarray, head: str, state: dict[str, torch.Tensor]) -> np.ndarray:
+    """The head's margin-free argmax, written out: W x + b for softmax, the cosine to each class otherwise."""
+    weight = state["weight"].double().numpy()
+    if head == "softmax":
+        return np.argmax(features @ weight.T + state["bias"].double().numpy(), axis=1)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    return np.argmax(unit @ (weight / np.linalg.norm(weight, axis=1, keepdims=True)).T, axis=1)
+
+
 @pytest.mark.slow
-def test_test_data_replaces_the_closed_set_images(digits: Path, tmp_path: Path) -> None:
-    """--test-data: the softmax head's accuracy on a separate folder, recomputed here from the checkpoint."""
+@pytest.mark.parametrize("head", ["softmax", "cosface", "arcface"])
+def test_each_head_trains_and_scores_the_test_data(head: str, digits: Path, tmp_path: Path) -> None:
+    """A short run per head (with λ·center loss): the loss falls, the bundle holds the embedding network but
+    not the head, and --test-data's closed-set accuracy is the head's argmax, recomputed from the checkpoint."""
     classes = sorted(p.name for p in digits.iterdir())
     test_dir = copy_test_folder(digits, tmp_path / "test", classes[3:])  # a subset: its labels must be remapped
     out = tmp_path / "bundle"
-    args = ["--data", str(digits), "--output", str(out), *TRAIN_ARGS, "--epochs", "1", "--holdout-identities", "0",
-            "--test-fraction", "0", "--test-data", str(test_dir)]  # fmt: skip
+    args = ["--data", str(digits), "--output", str(out), *TRAIN_ARGS, "--epochs", "2", "--holdout-identities", "0",
+            "--test-fraction", "0", "--test-data", str(test_dir), "--head", head, "--feat-dim", "16"]  # fmt: skip
     assert train.main(args) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records) and records[1]["loss"] < records[0]["loss"]
     bundle = load_bundle(out)
     closed = bundle.metadata["evaluation"]["closed_set"]
     assert closed["images"] == 4 * 7 and bundle.metadata["training"]["split"]["test_images"] == 28
+    config = bundle.metadata["training"]["config"]
+    assert config["head"] == head and config["center_weight"] == 0.01
+    if head != "softmax":  # the papers' defaults, recorded
+        assert (config["head_scale"], config["head_margin"]) == (64.0, {"cosface": 0.35, "arcface": 0.5}[head])
     checkpoint = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert set(load_file(out / "model.safetensors")) == set(checkpoint["model"])  # the head is not shipped
     samples = [(p, bundle.class_names.index(p.parent.name)) for p in sorted(test_dir.glob("*/*.png"))]
     features, labels = evaluate.embed_samples(bundle.model, samples, bundle.preprocess)
-    weight, bias = checkpoint["classifier"]["weight"].numpy(), checkpoint["classifier"]["bias"].numpy()
-    expected = float(np.mean(np.argmax(features @ weight.T + bias, axis=1) == labels))
+    expected = float(np.mean(closed_set_predictions(features.astype(np.float64), head, checkpoint["head"]) == labels))
     assert closed["classifier_accuracy"] == pytest.approx(expected)
 
 
@@ -295,6 +313,14 @@ def test_schedule_warmup_then_cosine_or_steps() -> None:
     short = train.TrainConfig(data="", output="", epochs=3, warmup_epochs=5)  # warm-up capped at 1 of 3 epochs
     expected = [0.5, 1.0] + [0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)]
     assert [train.lr_factor(s, 2, short) for s in range(6)] == pytest.approx(expected)
+
+
+def test_resume_treats_options_missing_from_an_older_checkpoint_as_their_defaults() -> None:
+    config = train.TrainConfig(data="d", output="o")
+    old = {k: v for k, v in config.to_dict().items() if not k.startswith("head") and k != "grad_clip"}
+    check_resumable({"config": {**old, "grad_clip": 0.0}, "class_names": ["a"]}, config, ["a"])  # no error
+    with pytest.raises(train.ConfigError, match="--head 'softmax' \\(now 'arcface'\\)"):
+        check_resumable({"config": old, "class_names": ["a"]}, train.TrainConfig("d", "o", head="arcface"), ["a"])
 
 
 def test_centers_are_not_optimised_and_no_decay_on_1d_params() -> None:

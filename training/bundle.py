@@ -7,6 +7,9 @@ Layout (``format_version`` 1)::
                            training config, evaluation, torch version, sha256 of each weight file
       model.safetensors    embedding network weights
       centers.safetensors  class centers, C × D, fp32
+      strangers.safetensors  (optional) L2-normalised embeddings of never-trained identities ("embeddings",
+                           N × D fp32) and their identity index ("identities", N int64) into
+                           ``strangers.identities`` of bundle.json: the service's 1:N operating point
       metrics.jsonl, plots/*.png, checkpoints/   (training by-products, optional)
 
 Loading never unpickles (safetensors + JSON only) and verifies every hash. Writing builds the complete
@@ -26,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -39,6 +43,7 @@ BUNDLE_JSON = "bundle.json"
 MODEL_FILE = "model.safetensors"
 CENTERS_FILE = "centers.safetensors"
 WEIGHT_FILES = (MODEL_FILE, CENTERS_FILE)
+STRANGERS_FILE = "strangers.safetensors"
 
 
 class BundleError(RuntimeError):
@@ -55,9 +60,22 @@ class Threshold:
     tar: float | None = None
     positive_pairs: int = 0
     negative_pairs: int = 0
+    calibrated: bool | None = None  # None: not recorded (a bundle from before identity-disjoint calibration)
+    calibration: dict[str, Any] | None = None  # how it was chosen and reported (training.calibration)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class Strangers:
+    """Embeddings of identities the model never trained on (and whose pairs never reported the FAR): the
+    population the service sets its 1:N threshold on. ``identities`` indexes ``names``."""
+
+    embeddings: np.ndarray  # N × D float32, L2-normalised
+    identities: np.ndarray  # N int64
+    names: list[str]
+    source: str = ""
 
 
 @dataclass
@@ -71,6 +89,7 @@ class Bundle:
     class_names: list[str]
     threshold: Threshold | None
     metadata: dict[str, Any] = field(repr=False)
+    strangers: Strangers | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -126,6 +145,7 @@ def save_bundle(
     training: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
     hflip: bool = False,
+    strangers: Strangers | None = None,
 ) -> Path:
     """Write a bundle atomically to ``dest``.
 
@@ -146,6 +166,10 @@ def save_bundle(
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(staging / MODEL_FILE))
         save_file({"centers": centers.detach().float().cpu().contiguous()}, str(staging / CENTERS_FILE))
+        files = list(WEIGHT_FILES)
+        if strangers is not None:
+            _save_strangers(strangers, int(centers.shape[1]), staging / STRANGERS_FILE)
+            files.append(STRANGERS_FILE)
         metadata = {
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -155,10 +179,11 @@ def save_bundle(
             "feat_dim": int(centers.shape[1]),
             "class_names": list(class_names),
             "threshold": threshold.to_dict() if threshold else None,
+            "strangers": _strangers_meta(strangers),
             "training": training or {},
             "evaluation": evaluation or {},
             "torch_version": torch.__version__,
-            "files": {name: sha256_file(staging / name) for name in WEIGHT_FILES},
+            "files": {name: sha256_file(staging / name) for name in files},
         }
         (staging / BUNDLE_JSON).write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n")
         _publish_permissions(staging)
@@ -173,7 +198,7 @@ def save_bundle(
 def _carry_over(source: Path, staging: Path) -> None:
     for path in source.rglob("*"):
         relative = path.relative_to(source)
-        if str(relative) in (*WEIGHT_FILES, BUNDLE_JSON) or not path.is_file():
+        if str(relative) in (*WEIGHT_FILES, STRANGERS_FILE, BUNDLE_JSON) or not path.is_file():
             continue
         target = staging / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +244,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BundleError(f"unknown arch {arch.get('name')!r} in {meta_path}; known: {sorted(MODELS)}")
     _field(arch, "kwargs", dict, "arch.kwargs")
     files = _field(metadata, "files", dict)
-    for name in WEIGHT_FILES:
+    for name in (*WEIGHT_FILES, STRANGERS_FILE) if metadata.get("strangers") else WEIGHT_FILES:
         file_path = root / name
         if not file_path.is_file():
             raise BundleError(f"bundle file missing: {file_path}")
@@ -259,6 +284,7 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     model = model.to(device).eval()
     _dry_forward(model, spec, feat_dim, device)
     return Bundle(
+        strangers=_load_strangers(root, metadata),
         path=root,
         model=model,
         preprocess=Preprocessor(spec, hflip=bool(metadata.get("hflip", False))),
@@ -355,3 +381,43 @@ def _dry_forward(model: nn.Module, spec: InputSpec, feat_dim: int, device: str |
         ) from None
     if tuple(output.shape) != (1, feat_dim) or not bool(torch.isfinite(output).all()):
         raise BundleError(f"the network's output {tuple(output.shape)} is not {feat_dim} finite numbers")
+
+
+def _save_strangers(strangers: Strangers, feat_dim: int, path: Path) -> None:
+    embeddings = np.ascontiguousarray(strangers.embeddings, dtype=np.float32)
+    identities = np.ascontiguousarray(strangers.identities, dtype=np.int64)
+    if embeddings.ndim != 2 or embeddings.shape[1] != feat_dim or len(identities) != len(embeddings):
+        raise BundleError(f"strangers: {embeddings.shape} embeddings, {identities.shape} identities, dim {feat_dim}")
+    if len(identities) and not 0 <= identities.min() <= identities.max() < len(strangers.names):
+        raise BundleError("strangers: identity index outside the list of names")
+    save_file({"embeddings": torch.from_numpy(embeddings), "identities": torch.from_numpy(identities)}, str(path))
+
+
+def _strangers_meta(strangers: Strangers | None) -> dict[str, Any] | None:
+    if strangers is None:
+        return None
+    return {
+        "file": STRANGERS_FILE,
+        "images": len(strangers.identities),
+        "identities": list(strangers.names),
+        "source": strangers.source,
+    }
+
+
+def _load_strangers(root: Path, metadata: dict[str, Any]) -> Strangers | None:
+    """The optional stranger set (hash already verified by :func:`read_metadata`); None in older bundles."""
+    meta = metadata.get("strangers")
+    if not meta:
+        return None
+    tensors = _load_tensors(root / STRANGERS_FILE)  # NaN/Inf refused there
+    try:
+        embeddings = tensors["embeddings"].float().numpy()
+        identities = tensors["identities"].long().numpy()
+        names = [str(name) for name in meta["identities"]]
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        raise BundleError(f"invalid {root / STRANGERS_FILE}: {one_line(error)}") from None
+    if embeddings.ndim != 2 or embeddings.shape[1] != metadata["feat_dim"] or len(identities) != len(embeddings):
+        raise BundleError(f"strangers shape {tuple(embeddings.shape)} does not match bundle.json in {root}")
+    if len(identities) and not 0 <= identities.min() <= identities.max() < len(names):
+        raise BundleError(f"{root / STRANGERS_FILE}: identity index outside strangers.identities")
+    return Strangers(embeddings, identities, names, str(meta.get("source", "")))

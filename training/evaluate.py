@@ -1,4 +1,4 @@
-"""Evaluation of an embedding network on identities it has (not) seen, and the service's threshold.
+"""Evaluation metrics of an embedding on identities it has (not) seen: pure numpy in, dicts out.
 
 * closed set: held-out images of training identities, classified by the softmax head (training only) and
   by the nearest class center;
@@ -6,183 +6,42 @@
   TAR at fixed FARs and the LFW-style 10-fold accuracy;
 * open-set identification: one enrolled image per identity, rank-1 accuracy, and the detection-and-
   identification rate (DIR) when half the identities are not enrolled;
-* threshold calibration: the cosine value that keeps the FAR on held-out negative pairs ≤ target.
+* the threshold that keeps the FAR on these negative pairs ≤ target (descriptive: chosen and measured on
+  the same pairs; the threshold a bundle ships is chosen and reported on disjoint identities by
+  :mod:`training.calibration`).
 
 Similarity is always the cosine of L2-normalised embeddings; a pair is accepted iff ``score >= threshold``.
-Metric functions are pure (numpy in, dict out) so benches can reuse them; :func:`embed_samples` is the one
-place that runs a network over images. Run alone::
-
-    python -m training.evaluate --bundle bundles/orl --data data/orl_test [--json out.json] [--flip-tta]
-
-treats every identity of ``--data`` as unseen (open set) and, where folder names match the bundle's
-classes, also reports nearest-center accuracy (the softmax head does not ship in bundles).
+Metric functions are pure so benches can reuse them. The part that runs a network (``embed_samples``) and
+the command line (``python -m training.evaluate --bundle B --data D``) live in :mod:`training.evaluate_cli`;
+they are re-exported here lazily, so importing the metrics never imports torch.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from training.bundle import BundleError, load_bundle
-from training.data import DataError, ImageDataset, make_loader, scan_image_folder
-from training.preprocess import Preprocessor
+from training.pairs import MAX_PAIRS, l2_normalize, pair_scores, sample_pairs
+
+__all__ = ["MAX_PAIRS", "l2_normalize", "pair_scores", "sample_pairs"]  # re-exported for existing callers
 
 FARS = (1e-1, 1e-2, 1e-3)
 DIR_FAR = 1e-2
 FOLDS = 10
-MAX_PAIRS = 100_000  # default cap on sampled positive and on negative pairs
-
-Sample = tuple[Path, int]
+_CLI_NAMES = frozenset({"embed_samples", "evaluate_bundle", "build_parser", "main"})
 
 
-# -----------------------------------------------------------------------------
-# embeddings
+def __getattr__(name: str) -> Any:
+    """``training.evaluate.embed_samples`` and the CLI functions, imported from the CLI module on first use."""
+    if name in _CLI_NAMES:
+        from training import evaluate_cli
 
-
-@torch.no_grad()
-def embed_samples(
-    model: nn.Module,
-    samples: Sequence[Sample],
-    preprocess: Preprocessor,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    flip_tta: bool = False,
-    workers: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Embed images with ``model`` (already on ``device``) in eval mode: (N×D float32, N int64 labels).
-
-    Unreadable files are dropped, so the labels come back from the batches, aligned with the rows.
-    ``flip_tta`` averages the embedding of each image and of its mirror image (the paper concatenates
-    the two instead; averaging keeps the dimension the service and the centers use).
-    """
-    dataset = ImageDataset(samples, preprocess, train=False)
-    loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
-    was_training = model.training
-    model.eval()
-    embeddings, labels = [], []
-    try:
-        for images, targets in loader:
-            if len(images) == 0:
-                continue
-            images = images.to(device)
-            features = model(images).float()
-            if flip_tta:
-                features = (features + model(images.flip(-1)).float()) / 2
-            embeddings.append(features.cpu())
-            labels.append(targets)
-    finally:
-        model.train(was_training)
-    if not embeddings:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    return torch.cat(embeddings).numpy(), torch.cat(labels).long().numpy()
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-# -----------------------------------------------------------------------------
-# pairs
-
-
-def _encode(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
-    return np.minimum(i, j) * n + np.maximum(i, j)
-
-
-def _subsample(keys: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
-    if cap is None or len(keys) <= cap:
-        return keys
-    return np.sort(rng.choice(keys, size=cap, replace=False))
-
-
-def _sample_unique(draw: Any, cap: int, rng: np.random.Generator) -> np.ndarray:
-    """Distinct pair keys from a uniform pair sampler; a uniform subset of the union is uniform too."""
-    keys = np.zeros(0, dtype=np.int64)
-    while len(keys) < cap:
-        keys = np.unique(np.concatenate([keys, draw(max(2 * (cap - len(keys)), 1024))]))
-    return _subsample(keys, cap, rng)
-
-
-def _positive_keys(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray, cap: int | None, rng: Any) -> np.ndarray:
-    n = len(order)
-    per_class = sizes * (sizes - 1) // 2
-    if cap is None or per_class.sum() <= 4 * cap:
-        keys = [
-            _encode(*np.meshgrid(order[s : s + k], order[s : s + k]), n)[np.triu_indices(k, 1)]
-            for s, k in zip(starts, sizes, strict=True)
-        ]
-        return _subsample(np.sort(np.concatenate([np.zeros(0, np.int64), *keys])), cap, rng)
-    weights = per_class / per_class.sum()
-
-    def draw(m: int) -> np.ndarray:  # a class by its share of pairs, then two distinct members
-        c = rng.choice(len(sizes), size=m, p=weights)
-        a = (rng.random(m) * sizes[c]).astype(np.int64)
-        b = (rng.random(m) * (sizes[c] - 1)).astype(np.int64)
-        b += b >= a
-        return _encode(order[starts[c] + a], order[starts[c] + b], n)
-
-    return _sample_unique(draw, cap, rng)
-
-
-def _negative_keys(
-    labels: np.ndarray, order: np.ndarray, starts: np.ndarray, sizes: np.ndarray, total: int, cap: int | None, rng: Any
-) -> np.ndarray:
-    n = len(order)
-    if cap is None or total <= 4 * cap:
-        keys = [
-            _encode(*np.meshgrid(order[s : s + k], order[s + k :], indexing="ij"), n).ravel()
-            for s, k in zip(starts, sizes, strict=True)
-        ]
-        return _subsample(np.sort(np.concatenate([np.zeros(0, np.int64), *keys])), cap, rng)
-
-    def draw(m: int) -> np.ndarray:  # two images, kept when their identities differ
-        i, j = rng.integers(0, n, size=m), rng.integers(0, n, size=m)
-        keep = labels[i] != labels[j]
-        return _encode(i[keep], j[keep], n)
-
-    return _sample_unique(draw, cap, rng)
-
-
-def sample_pairs(
-    labels: np.ndarray, max_positives: int | None = MAX_PAIRS, max_negatives: int | None = MAX_PAIRS, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """All same-identity pairs (i < j) up to ``max_positives`` and a seeded uniform sample of different-
-    identity pairs up to ``max_negatives``: (P×2, N×2 index arrays, totals available).
-
-    Sets up to 4× the cap are enumerated and subsampled; larger ones are drawn at random (rejecting
-    duplicates) without ever building all O(n²) pairs.
-    """
-    labels = np.asarray(labels)
-    n = len(labels)
-    rng = np.random.default_rng(seed)
-    order = np.argsort(labels, kind="stable")
-    _, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
-    total_pos = int((sizes * (sizes - 1) // 2).sum())
-    total_neg = n * (n - 1) // 2 - total_pos
-    pos = _positive_keys(order, starts, sizes, max_positives, rng)
-    neg = _negative_keys(labels, order, starts, sizes, total_neg, max_negatives, rng)
-
-    def decode(keys: np.ndarray) -> np.ndarray:
-        return np.stack([keys // max(n, 1), keys % max(n, 1)], axis=1).astype(np.int64)
-
-    return decode(pos), decode(neg), {"positive_pairs_total": total_pos, "negative_pairs_total": total_neg}
-
-
-def pair_scores(normalized: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each (i, j) pair of L2-normalised rows."""
-    if len(pairs) == 0:
-        return np.zeros(0)
-    return np.einsum("ij,ij->i", normalized[pairs[:, 0]], normalized[pairs[:, 1]])
+        return getattr(evaluate_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -500,9 +359,27 @@ def format_results(results: dict[str, Any]) -> str:
             (f"threshold @ FAR={threshold['target_far']:g}", threshold["value"]),
             ("  measured FAR / TAR", f"{_fmt(threshold['far'])} / {_fmt(threshold['tar'])}"),
         ]
+        rows += _calibration_rows(threshold)
     width = max((len(name) for name, _ in rows), default=0)
     lines = [f"{name:<{width}}  {_fmt(value)}" for name, value in rows]
-    return "\n".join(lines + [f"note: {note}" for note in _notes(results)])
+    warnings = (results.get("calibration") or {}).get("warnings", [])
+    return "\n".join(lines + [f"note: {note}" for note in _notes(results)] + [f"WARNING: {w}" for w in warnings])
+
+
+def _calibration_rows(threshold: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Where the shipped threshold was chosen and reported (training.calibration), when recorded."""
+    record = threshold.get("calibration")
+    if not record:
+        return []
+    chosen, reported = record["chosen_on"], record["reported_on"]
+    far = reported["far"]
+    interval = f"[{far['low']:.2g}, {far['high']:.2g}]" if far["total"] else "n/a"
+    return [
+        ("  chosen on identities / negatives", f"{chosen['identities']} / {chosen['negative_pairs']}"),
+        ("  reported on identities / negatives", f"{reported['identities']} / {reported['negative_pairs']}"),
+        ("  reported FAR (95% Wilson)", f"{far['count']}/{far['total']} {interval}"),
+        ("  calibrated", str(threshold.get("calibrated"))),
+    ]
 
 
 def _notes(tree: Any) -> list[str]:
@@ -513,91 +390,7 @@ def _notes(tree: Any) -> list[str]:
     return []
 
 
-# -----------------------------------------------------------------------------
-# CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.evaluate",
-        description="Evaluate a bundle on an ImageFolder whose identities are treated as unseen (open set).",
-    )
-    parser.add_argument("--bundle", required=True, help="bundle folder written by `python -m training`")
-    parser.add_argument("--data", required=True, help="ImageFolder ROOT/<identity>/<images> to evaluate on")
-    parser.add_argument("--json", help="write the results as JSON to this file")
-    parser.add_argument("--flip-tta", action="store_true", help="average each embedding with its mirror image's")
-    parser.add_argument("--seed", type=int, default=0, help="seed for pair sampling, folds and enrollment choice")
-    parser.add_argument("--max-negatives", type=int, default=MAX_PAIRS, help="cap on sampled negative pairs")
-    parser.add_argument("--max-positives", type=int, default=MAX_PAIRS, help="cap on positive pairs")
-    parser.add_argument("--target-far", type=float, default=None, help="FAR to calibrate at (default: the bundle's)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--device", default="cpu", help="torch device to embed on (cpu, cuda, cuda:1)")
-    return parser
-
-
-def evaluate_bundle(
-    bundle_dir: str | Path,
-    data_dir: str | Path,
-    flip_tta: bool = False,
-    seed: int = 0,
-    max_negatives: int = MAX_PAIRS,
-    max_positives: int = MAX_PAIRS,
-    target_far: float | None = None,
-    batch_size: int = 256,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Standalone evaluation: every identity of ``data_dir`` unseen; matching names also closed-set."""
-    bundle = load_bundle(bundle_dir, device=device)
-    folder = scan_image_folder(data_dir)
-    embeddings, labels = embed_samples(bundle.model, folder.samples, bundle.preprocess, batch_size, device, flip_tta)
-    if target_far is None:
-        target_far = bundle.threshold.target_far if bundle.threshold else 1e-3
-    index = {name: i for i, name in enumerate(bundle.class_names)}
-    to_bundle = np.array([index.get(name, -1) for name in folder.class_names], dtype=np.int64)
-    known = to_bundle[labels] >= 0 if len(labels) else np.zeros(0, dtype=bool)
-    closed = (embeddings[known], to_bundle[labels[known]]) if known.any() else None
-    results, (positive, negative) = evaluate_embeddings(
-        (embeddings, labels), closed, bundle.centers.cpu().numpy(), None, target_far, seed, max_positives, max_negatives
-    )
-    if closed is not None:
-        results["closed_set"]["note"] += "; images of bundle identities, possibly including their training images"
-    if bundle.threshold is not None and len(negative):
-        tar, far = rates_at(positive, negative, bundle.threshold.value)
-        results["bundle_threshold"] = {"value": bundle.threshold.value, "tar": tar, "far": far}
-    results.update(
-        bundle=str(bundle_dir), data=str(data_dir), flip_tta=flip_tta, skipped_images=len(folder.samples) - len(labels)
-    )
-    return results
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device} requested but CUDA is not available")
-        if args.max_negatives < 1 or args.max_positives < 1 or args.batch_size < 1:
-            raise ValueError("--max-negatives, --max-positives and --batch-size must be >= 1")
-        if args.target_far is not None and not 0 < args.target_far < 1:
-            raise ValueError(f"--target-far must be in (0, 1), got {args.target_far}")
-        results = evaluate_bundle(
-            args.bundle,
-            args.data,
-            args.flip_tta,
-            args.seed,
-            args.max_negatives,
-            args.max_positives,
-            args.target_far,
-            args.batch_size,
-            args.device,
-        )
-    except (BundleError, DataError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(format_results(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.evaluate_cli import main as _main
+
+    sys.exit(_main())

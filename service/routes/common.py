@@ -14,11 +14,13 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from service.embedder import Embedder
-from service.errors import Forbidden, InvalidParameter, NotReady, PayloadTooLarge, Unauthorized
+from service.errors import Forbidden, NotReady, PayloadTooLarge, Unauthorized
 from service.gallery import Gallery
 from service.images import decode_image
 from service.metrics import Metrics
+from service.operating_point import OperatingPoint
 from service.settings import Settings
+from service.strangers import StrangerStore
 from training.bundle import Bundle
 
 
@@ -32,6 +34,8 @@ class ServiceState:
     embedder: Embedder | None = None
     gallery: Gallery | None = None
     centers: np.ndarray | None = None  # the bundle's class centers, L2-normalised, C×D
+    strangers: StrangerStore | None = None  # the operator's strangers (POST /strangers)
+    operating_point: OperatingPoint | None = None  # the live /identify thresholds
     ready: bool = False
     status: str = "starting"
     extras: dict[str, object] = field(default_factory=dict)
@@ -161,16 +165,3 @@ async def embed_uploads(files: list[UploadFile], names: list[str], state: Servic
 
 def field_names(field: str, count: int) -> list[str]:
     return [field] if count == 1 else [f"{field}[{i}]" for i in range(count)]
-
-
-def resolve_threshold(state: ServiceState, requested: float | None) -> float:
-    """The request's threshold, else CENTERID_THRESHOLD, else the bundle's calibrated one."""
-    if requested is not None:
-        return requested
-    if state.settings.threshold is not None:
-        return state.settings.threshold
-    if state.bundle is not None and state.bundle.threshold is not None:
-        return float(state.bundle.threshold.value)
-    raise InvalidParameter(
-        "threshold: required, because the bundle has no calibrated threshold and CENTERID_THRESHOLD is not set"
-    )

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import InvalidParameter, NotFound
-from service.gallery import Gallery, GalleryError, validate_label
+from service.errors import NotFound
+from service.gallery import Gallery
+from service.gallery_input import MAX_LABEL_CHARS, MAX_ROW_ID, parse_metadata, validate_label
 from service.routes.common import (
     ServiceState,
     embed_uploads,
@@ -23,22 +23,8 @@ from service.schemas import EnrollResponse, EntryOut, GalleryPage, IdentityCount
 
 router = APIRouter(prefix="/gallery", tags=["gallery"], dependencies=[Depends(require_key)])
 
-MAX_METADATA_CHARS = 16_384
-LabelPath = Annotated[str, Path(description="enrolled identity", max_length=200)]
-
-
-def _parse_metadata(text: str | None) -> dict[str, Any]:
-    if text is None or not text.strip():
-        return {}
-    if len(text) > MAX_METADATA_CHARS:
-        raise InvalidParameter(f"metadata: longer than {MAX_METADATA_CHARS} characters")
-    try:
-        value = json.loads(text)
-    except ValueError as error:
-        raise InvalidParameter(f"metadata: not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise InvalidParameter("metadata: must be a JSON object")
-    return value
+# a lookup may spell a label in NFD, up to a few code points per character of its stored NFC form
+LabelPath = Annotated[str, Path(description="enrolled identity", max_length=4 * MAX_LABEL_CHARS)]
 
 
 @router.post(
@@ -51,15 +37,17 @@ def _parse_metadata(text: str | None) -> dict[str, Any]:
 async def enroll(
     state: Annotated[ServiceState, Depends(ready_state)],
     files: Annotated[list[UploadFile], File(description="images of this identity")],
-    label: Annotated[str, Form(description="identity name (no '/', at most 200 characters)")],
+    label: Annotated[
+        str, Form(description="identity name: at most 200 characters, no '/', no control or invisible characters")
+    ],
     metadata: Annotated[str | None, Form(description='JSON object stored with each entry: {"source": "badge"}')] = None,
 ) -> EnrollResponse:
-    """Enroll images of one identity; answered only once the entries are committed to disk."""
-    try:
-        label = validate_label(label)
-    except GalleryError as error:
-        raise InvalidParameter(f"label: {error}") from None
-    meta = _parse_metadata(metadata)
+    """Enroll images of one identity; answered only once the entries are committed to disk.
+
+    Label and metadata are checked before any image is decoded (a refusal is a 422 naming the field);
+    the label is stored NFC-normalised, so canonically equivalent spellings are one identity."""
+    label = validate_label(label)
+    meta = parse_metadata(metadata)
     uploads, vectors = await embed_uploads(files, field_names("files", len(files)), state)
     entries = await run_in_threadpool(state.gallery.add, label, vectors, uploads.blobs, meta)  # type: ignore[union-attr]
     return EnrollResponse(label=label, entries=[EntryOut(**e.__dict__) for e in entries])
@@ -68,7 +56,7 @@ async def enroll(
 @router.get("", response_model=GalleryPage, responses=errors(422))
 async def list_identities(
     gallery: Annotated[Gallery, Depends(get_gallery)],
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> GalleryPage:
     """Enrolled identities sorted by label, with their number of entries."""
@@ -83,14 +71,14 @@ async def identity_entries(label: LabelPath, gallery: Annotated[Gallery, Depends
     entries = await run_in_threadpool(gallery.entries, label)
     if not entries:
         raise NotFound(f"label: no enrolled identity {label!r}")
-    return LabelEntries(label=label, entries=[EntryOut(**e.__dict__) for e in entries])
+    return LabelEntries(label=entries[0].label, entries=[EntryOut(**e.__dict__) for e in entries])
 
 
 @router.delete(
     "/entries/{entry_id}", status_code=204, dependencies=[Depends(require_admin)], responses=errors(403, 404)
 )
 async def delete_entry(
-    entry_id: Annotated[int, Path(ge=1)], gallery: Annotated[Gallery, Depends(get_gallery)]
+    entry_id: Annotated[int, Path(ge=1, le=MAX_ROW_ID)], gallery: Annotated[Gallery, Depends(get_gallery)]
 ) -> Response:
     """Delete one entry by id."""
     if not await run_in_threadpool(gallery.delete_entry, entry_id):

@@ -1,4 +1,8 @@
-"""POST /identify: who is this? Against the enrolled gallery, or the training identities' centers."""
+"""POST /identify: who is this? Against the enrolled gallery, or the training identities' centers.
+
+"Unknown" is decided at the live FPIR operating point (:mod:`service.operating_point`), never on the request
+path: the answer carries the threshold used and its ``threshold_basis``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.routes.common import ServiceState, embed_uploads, ready_state, require_key, resolve_threshold
-from service.schemas import IdentifyMatch, IdentifyResponse, errors
+from service.errors import InvalidParameter
+from service.operating_point import identify_point
+from service.routes.common import ServiceState, embed_uploads, ready_state, require_key
+from service.schemas import IdentifyMatch, IdentifyResponse, ThresholdBasis, errors
 
 router = APIRouter(tags=["recognition"], dependencies=[Depends(require_key)])
 
@@ -25,10 +31,17 @@ async def identify(
         Literal["gallery", "centers"],
         Form(description="gallery: enrolled identities (FAISS); centers: the training identities' learned centers"),
     ] = "gallery",
-    threshold: Annotated[float | None, Form(ge=-1, le=1, description="overrides the calibrated threshold")] = None,
+    threshold: Annotated[
+        float | None, Form(ge=-1, le=1, description="overrides the live FPIR operating point for this request")
+    ] = None,
 ) -> IdentifyResponse:
     """Rank identities by cosine similarity; ``identity`` is the best one if it reaches the threshold, else null."""
-    limit = resolve_threshold(state, threshold)
+    point = identify_point(threshold, state.settings.threshold, state.operating_point, mode)
+    if point.value is None:
+        raise InvalidParameter(
+            "threshold: required, because the bundle has neither strangers nor a calibrated threshold and "
+            "CENTERID_THRESHOLD is not set"
+        )
     _, vectors = await embed_uploads([image], ["image"], state)
     vector = vectors[0]
     if mode == "centers":
@@ -38,9 +51,10 @@ async def identify(
         matches = [IdentifyMatch(label=m.label, similarity=m.similarity, entry_id=m.entry_id) for m in found[0]]
     best = matches[0] if matches else None
     return IdentifyResponse(
-        identity=best.label if best is not None and best.similarity >= limit else None,
+        identity=best.label if best is not None and best.similarity >= point.value else None,
         matches=matches,
-        threshold=limit,
+        threshold=point.value,
+        threshold_basis=ThresholdBasis(**point.basis),
         mode=mode,
         model=state.model_name,
     )

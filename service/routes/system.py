@@ -10,8 +10,9 @@ from starlette.concurrency import run_in_threadpool
 
 from service.errors import NotReady
 from service.metrics import CONTENT_TYPE
+from service.operating_point import MODES, identify_point, verify_point
 from service.routes.common import ServiceState, get_settings, get_state, presented_key, ready_state, require_key
-from service.schemas import GalleryInfo, Health, Info, ModelInfo, ThresholdInfo, errors
+from service.schemas import GalleryInfo, Health, Info, ModelInfo, ThresholdBasis, ThresholdInfo, ThresholdInUse, errors
 from service.settings import Settings
 
 router = APIRouter(tags=["system"])
@@ -62,6 +63,7 @@ async def info(state: Annotated[ServiceState, Depends(ready_state)]) -> Info:
             created_at=meta.get("created_at"),
         ),
         threshold=_threshold_info(state),
+        thresholds=_thresholds_in_force(state),
         gallery=GalleryInfo(
             size=gallery.size,
             identities=await run_in_threadpool(gallery.label_count),
@@ -86,7 +88,27 @@ def _threshold_info(state: ServiceState) -> ThresholdInfo:
         target_far=calibrated.target_far,
         far=calibrated.far,
         tar=calibrated.tar,
+        calibrated=calibrated.calibrated,
+        warnings=list((calibrated.calibration or {}).get("warnings", [])),
     )
+
+
+def _thresholds_in_force(state: ServiceState) -> list[ThresholdInUse]:
+    """/verify's pair threshold and /identify's operating point per mode, each with how it was obtained."""
+    fixed = state.settings.threshold
+    points = [("verify", "pair", verify_point(None, fixed, state.bundle.threshold if state.bundle else None))]
+    points += [("identify", mode, identify_point(None, fixed, state.operating_point, mode)) for mode in MODES]
+    created = state.bundle.metadata.get("created_at") if state.bundle else None
+    return [
+        ThresholdInUse(
+            use=use,
+            mode=mode,
+            value=point.value,
+            basis=ThresholdBasis(**point.basis),
+            refreshed_at=point.basis.get("refreshed_at") or (created if point.basis["kind"] == "far" else None),
+        )
+        for use, mode, point in points
+    ]
 
 
 def metrics_guard(

@@ -1,4 +1,7 @@
-"""POST /verify: are two faces the same identity, or is a face the enrolled identity ``label``?"""
+"""POST /verify: are two faces the same identity, or is a face the enrolled identity ``label``?
+
+1:1 decisions keep the bundle's pair (FAR) threshold; the answer says so in ``threshold_basis``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidParameter, NotFound
-from service.routes.common import ServiceState, embed_uploads, ready_state, require_key, resolve_threshold
-from service.schemas import VerifyResponse, errors
+from service.operating_point import verify_point
+from service.routes.common import ServiceState, embed_uploads, ready_state, require_key
+from service.schemas import ThresholdBasis, VerifyResponse, errors
 
 router = APIRouter(tags=["recognition"], dependencies=[Depends(require_key)])
 
@@ -27,7 +31,11 @@ async def verify(
     threshold: Annotated[float | None, Form(ge=-1, le=1, description="overrides the calibrated threshold")] = None,
 ) -> VerifyResponse:
     """Cosine similarity of two images, or of one image and the best-matching entry of an enrolled label."""
-    limit = resolve_threshold(state, threshold)
+    point = verify_point(threshold, state.settings.threshold, state.bundle.threshold if state.bundle else None)
+    if point.value is None:
+        raise InvalidParameter(
+            "threshold: required, because the bundle has no calibrated threshold and CENTERID_THRESHOLD is not set"
+        )
     pair = image_a is not None or image_b is not None
     if pair and (image_a is None or image_b is None or image is not None or label is not None):
         raise InvalidParameter(PAIR_OR_LABEL)
@@ -44,8 +52,9 @@ async def verify(
         similarity = float(np.max(enrolled @ vectors[0]))
     return VerifyResponse(
         similarity=similarity,
-        threshold=limit,
-        match=similarity >= limit,
+        threshold=point.value,
+        threshold_basis=ThresholdBasis(**point.basis),
+        match=similarity >= point.value,
         model=state.model_name,
         label=None if pair else label,
     )
