@@ -168,3 +168,25 @@ def test_align_command_on_a_tiny_folder(tmp_path: Path) -> None:
         expected = align_face(astronaut, largest_face(Detector().detect([astronaut])[0]).landmarks, spec)
         assert crop.size == (96, 112) and crop.mode == "RGB"
         assert np.array_equal(np.asarray(crop), np.asarray(expected))
+
+
+def test_align_command_refuses_outputs_that_would_destroy_files(tmp_path: Path, capsys) -> None:
+    from training.align import main
+
+    raw = tmp_path / "raw"
+    (raw / "a").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(raw / "a" / "x.png")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    for out, expected in (
+        (raw, "outside RAW"),
+        (raw / "a", "outside RAW"),
+        (tmp_path, "outside RAW"),
+        (foreign, "--force"),
+    ):
+        assert main([str(raw), str(out)]) == 2
+        assert expected in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me" and (raw / "a" / "x.png").is_file()
+    assert main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "not a folder" in capsys.readouterr().err

@@ -200,3 +200,13 @@ def test_batched_crops_equal_per_crop_padding_and_area_resize(size: int) -> None
     boxes = torch.cat([corners, corners + torch.rand(n, 1, generator=generator) * 80 + 1], dim=1)
     expected = padded_area_crops(images, boxes, owners, size)
     assert torch.allclose(detect._crops(images, boxes, owners, size), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("hits", "n"), [(0, 40), (97, 100), (100, 100), (3, 7)])
+def test_wilson_interval_inverts_the_score_test(hits: int, n: int) -> None:
+    """bench.detect_cost's interval = the p for which |p̂ − p| ≤ 1.96·√(p(1−p)/n), found here on a fine grid."""
+    from bench.detect_cost import wilson
+
+    grid = np.linspace(0, 1, 200_001)
+    inside = grid[np.abs(hits / n - grid) <= 1.96 * np.sqrt(grid * (1 - grid) / n)]
+    assert np.allclose(wilson(hits, n), (inside.min(), inside.max()), atol=1e-5)

@@ -94,6 +94,18 @@ def find_photos(raw: Path) -> list[str]:
     return photos
 
 
+def check_output(raw: Path, out: Path, force: bool) -> None:
+    """Refuse an OUT that would destroy the photos or someone else's files (OUT is replaced at the end)."""
+    raw_full, out_full = raw.resolve(), out.resolve()
+    if raw_full == out_full or raw_full in out_full.parents or out_full in raw_full.parents:
+        raise ValueError(f"OUT ({out}) must lie outside RAW ({raw}) and must not contain it")
+    if out.is_file():
+        raise ValueError(f"OUT ({out}) is a file")
+    foreign = out.is_dir() and any(out.iterdir()) and not (out / "alignment.json").is_file()
+    if foreign and not force:
+        raise ValueError(f"OUT ({out}) holds files that are not a previous alignment: pass --force to replace it")
+
+
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), CHUNK):
         yield items[start : start + CHUNK]
@@ -145,7 +157,7 @@ def _write_lists(out: Path, outcomes: list[Outcome]) -> dict[str, int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.align", description=__doc__.split("\n\n")[0])
     parser.add_argument("raw", type=Path, help="input ImageFolder: RAW/<identity>/<photos>")
-    parser.add_argument("out", type=Path, help="output ImageFolder of aligned crops (replaced if it exists)")
+    parser.add_argument("out", type=Path, help="output ImageFolder of aligned crops (a previous one is replaced)")
     parser.add_argument("--height", type=int, default=112, help="crop height (default 112, the paper's)")
     parser.add_argument("--width", type=int, default=96, help="crop width (default 96)")
     parser.add_argument("--channels", type=int, choices=[1, 3], default=3, help="1 = grayscale, 3 = RGB crops")
@@ -153,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-face", type=float, default=20.0, help="smallest face searched, in pixels")
     parser.add_argument("--thresholds", type=float, nargs=3, default=[0.6, 0.7, 0.7], metavar=("P", "R", "O"))
     parser.add_argument("--scale-factor", type=float, default=0.709, help="image pyramid step")
+    parser.add_argument("--force", action="store_true", help="replace an OUT that is not a previous alignment")
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="processes")
     return parser
 
@@ -164,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = InputSpec(channels=args.channels, height=args.height, width=args.width, align="similarity5")
         if args.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        check_output(args.raw, args.out, args.force)
         Detector(config)  # fail here, with the install hint, rather than inside every worker
         counts = run(args.raw, args.out, config, spec, args.faces == "all", args.workers)
     except (ValueError, DetectorError, OSError) as error:
