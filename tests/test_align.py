@@ -190,3 +190,26 @@ def test_align_command_refuses_outputs_that_would_destroy_files(tmp_path: Path, 
     assert (foreign / "notes.txt").read_text() == "keep me" and (raw / "a" / "x.png").is_file()
     assert main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_largest_face_by_default_and_every_face_on_request(tmp_path: Path) -> None:
+    from training.align import align_photos
+
+    astronaut = read_photo("astronaut.png")
+    group = Image.new("RGB", (800, 512), "gray")
+    group.paste(astronaut, (0, 0))
+    group.paste(astronaut.resize((256, 256)), (540, 200))  # the same face at half size
+    (tmp_path / "raw" / "pair").mkdir(parents=True)
+    group.save(tmp_path / "raw" / "pair" / "group.jpg", quality=95)
+    detector, spec = Detector(), InputSpec(channels=3, align="similarity5")
+    photos = ["pair/group.jpg"]
+    assert align_photos(tmp_path / "raw", photos, detector, spec, False, tmp_path / "one")[0].faces == 1
+    assert align_photos(tmp_path / "raw", photos, detector, spec, True, tmp_path / "all")[0].faces == 2
+    assert sorted(p.name for p in (tmp_path / "all" / "pair").iterdir()) == ["group_0.png", "group_1.png"]
+    with Image.open(tmp_path / "raw" / "pair" / "group.jpg") as decoded:
+        faces = Detector().detect([decoded])[0]
+        big = max(faces, key=lambda face: face.area)
+        assert big.box[2] < 400  # the full-size face, on the left
+        expected = np.asarray(align_face(decoded, big.landmarks, spec))
+    with Image.open(tmp_path / "one" / "pair" / "group.png") as crop:
+        assert np.array_equal(np.asarray(crop), expected)
