@@ -156,20 +156,29 @@ def box_overlap(box: torch.Tensor, others: torch.Tensor, mode: str = "union") ->
 def nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float, mode: str = "union"):
     """Greedy NMS within each group: indices of the kept boxes, best score first.
 
-    A box is kept when no better-scored kept box of its own group overlaps it by more than ``threshold``; one
-    loop serves all images and pyramid scales at once (groups instead of shifted coordinates, which would lose
-    float32 precision for many groups).
+    A box is kept when no better-scored kept box of its own group overlaps it by more than ``threshold``. One
+    call serves all images and pyramid scales; each group is suppressed on its own, so a batch of images costs
+    the sum of their NMS, not the square of the batch's box count.
     """
     if mode not in ("union", "min"):
         raise ValueError(f"mode must be 'union' or 'min', got {mode!r}")
-    order = torch.argsort(scores, descending=True)
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    by_group = torch.argsort(groups, stable=True)
+    counts = torch.unique_consecutive(groups[by_group], return_counts=True)[1]
+    kept = torch.cat([_greedy(part, boxes, scores, threshold, mode) for part in torch.split(by_group, counts.tolist())])
+    return kept[torch.argsort(scores[kept], descending=True, stable=True)]
+
+
+def _greedy(members: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, threshold: float, mode: str):
+    """Plain greedy suppression among ``members`` (indices of one group)."""
+    order = members[torch.argsort(scores[members], descending=True, stable=True)]
     keep = []
     while order.numel() > 0:
         best, rest = order[0], order[1:]
         keep.append(best)
-        overlaps = box_overlap(boxes[best], boxes[rest], mode) > threshold
-        order = rest[~(overlaps & (groups[rest] == groups[best]))]
-    return torch.stack(keep) if keep else torch.empty(0, dtype=torch.long, device=boxes.device)
+        order = rest[box_overlap(boxes[best], boxes[rest], mode) <= threshold]
+    return torch.stack(keep)
 
 
 # -----------------------------------------------------------------------------
