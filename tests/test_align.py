@@ -213,3 +213,18 @@ def test_largest_face_by_default_and_every_face_on_request(tmp_path: Path) -> No
         expected = np.asarray(align_face(decoded, big.landmarks, spec))
     with Image.open(tmp_path / "one" / "pair" / "group.png") as crop:
         assert np.array_equal(np.asarray(crop), expected)
+
+
+def test_align_faces_gives_each_image_its_aligned_faces_or_nothing() -> None:
+    from training.align import align_faces
+
+    astronaut = read_photo("astronaut.png")
+    blank = Image.new("RGB", (300, 200), "white")
+    spec = InputSpec(channels=1, height=56, width=48, align="similarity5")
+    detector = Detector()
+    largest, nothing = align_faces(detector, [astronaut, blank], spec)
+    assert nothing == [] and len(largest) == 1
+    assert largest[0].crop.size == (48, 56) and largest[0].crop.mode == "L"
+    expected = align_face(astronaut, detector.detect([astronaut])[0][0].landmarks, spec)
+    assert np.array_equal(np.asarray(largest[0].crop), np.asarray(expected))
+    assert [len(faces) for faces in align_faces(detector, [blank, astronaut], spec, every_face=True)] == [0, 1]

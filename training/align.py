@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from training.data import _decode, _image_files, _visible
-from training.detect import Detector, DetectorConfig, DetectorError
+from training.detect import Detector, DetectorConfig, DetectorError, Face, largest_face
 from training.preprocess import InputSpec, align_face
 
 CHUNK = 8  # photos per task: one detector batch, small enough for a steady progress line
@@ -38,6 +38,26 @@ class Outcome:
     relative: str
     faces: int
     problem: str = ""  # "" | "no_face" | "unreadable"
+
+
+@dataclass(frozen=True)
+class AlignedFace:
+    """A detected face and its crop, aligned onto the spec's template at the spec's size and mode."""
+
+    face: Face
+    crop: Image.Image
+
+
+def align_faces(
+    detector: Detector, images: Sequence[Image.Image], spec: InputSpec, every_face: bool = False
+) -> list[list[AlignedFace]]:
+    """Detect faces in a batch of decoded images and align the largest of each (or every one, best score
+    first); an image without a face gets an empty list. What the service calls for an aligning bundle."""
+    aligned = []
+    for image, faces in zip(images, detector.detect(images), strict=True):
+        chosen = faces if every_face else [face for face in [largest_face(faces)] if face is not None]
+        aligned.append([AlignedFace(face, align_face(image, face.landmarks, spec)) for face in chosen])
+    return aligned
 
 
 _worker: tuple[Detector, InputSpec, bool, Path] | None = None
@@ -69,17 +89,15 @@ def align_photos(
             outcomes.append(Outcome(relative, 0, "unreadable"))
         else:
             images[relative] = ImageOps.exif_transpose(image)
-    for relative, faces in zip(images, detector.detect(list(images.values())), strict=True):
+    for relative, faces in zip(images, align_faces(detector, list(images.values()), spec, all_faces), strict=True):
         if not faces:
             outcomes.append(Outcome(relative, 0, "no_face"))
             continue
-        chosen = faces if all_faces else [max(faces, key=lambda face: face.area)]
         target = out / Path(relative).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        for number, face in enumerate(chosen):
-            name = target if not all_faces else target.with_name(f"{target.stem}_{number}.png")
-            align_face(images[relative], face.landmarks, spec).save(name)
-        outcomes.append(Outcome(relative, len(chosen)))
+        for number, aligned in enumerate(faces):
+            aligned.crop.save(target if not all_faces else target.with_name(f"{target.stem}_{number}.png"))
+        outcomes.append(Outcome(relative, len(faces)))
     return outcomes
 
 
