@@ -26,7 +26,8 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Center-loss op", "docs/benchmarks_center_loss.md", ("bench/results/raw/center_loss_op.md",)),
     ("Serving and gallery", "docs/benchmarks_service.md",
      ("bench/results/raw/serve_load.json", "bench/results/raw/gallery_scale.json")),
-    ("Face detection and alignment", "docs/benchmarks_detection.md", ("bench/results/raw/detect_cost.json",)),
+    ("Face detection and alignment", "docs/benchmarks_detection.md",
+     ("bench/results/raw/detect_cost.json", "bench/results/raw/align_identify.json")),
 )  # fmt: skip
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 
