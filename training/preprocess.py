@@ -6,6 +6,7 @@ served embedding is computed exactly as the training job computed its evaluation
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,7 +27,11 @@ RESAMPLING = {
 class InputSpec:
     """What the network expects: channels (1 = grayscale, 3 = RGB), size, and normalisation.
 
-    The default normalisation (p − 127.5) / 128 is the paper's.
+    The default normalisation (p − 127.5) / 128 is the paper's. ``align`` says how a photo becomes the
+    network's input: ``"none"`` resizes it whole (bundles written before alignment existed read as this),
+    ``"similarity5"`` warps the 5 detected landmarks onto ``template`` (pixel positions in the height×width
+    input; when not given, the paper's 112×96 template scaled to this size, see :func:`face_template`).
+    The resolved template is stored, so the bundle records exactly the alignment its model was trained with.
     """
 
     channels: int = 1
@@ -35,6 +40,8 @@ class InputSpec:
     mean: float = 127.5
     std: float = 128.0
     resize: str = "bilinear"
+    align: str = "none"
+    template: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -45,6 +52,7 @@ class InputSpec:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.resize not in RESAMPLING:
             raise ValueError(f"resize must be one of {sorted(RESAMPLING)}, got {self.resize!r}")
+        object.__setattr__(self, "template", _resolve_template(self))
 
     @property
     def mode(self) -> str:
@@ -114,3 +122,106 @@ class Preprocessor:
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Stack several images into one N×C×H×W batch (inference path, no augmentation)."""
         return torch.stack([self(image) for image in images])
+
+
+# -----------------------------------------------------------------------------
+# face alignment: a similarity transform of 5 landmarks onto a template
+
+ALIGNMENTS = ("none", "similarity5")
+# The paper's reference points for a 112×96 (height×width) face, as in its authors' alignment code: left eye,
+# right eye, nose tip, left and right mouth corner (left = image left), x then y, in pixels.
+PAPER_TEMPLATE_112x96 = (
+    (30.2946, 51.6963),
+    (65.5318, 51.5014),
+    (48.0252, 71.7366),
+    (33.5493, 92.3655),
+    (62.7299, 92.2041),
+)
+# Image.transform samples with nearest, bilinear or bicubic only; lanczos bundles warp with bicubic.
+WARP_RESAMPLING = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "lanczos": "bicubic"}
+
+
+def face_template(height: int = 112, width: int = 96) -> np.ndarray:
+    """The paper's 5-point template scaled from 112×96 to height×width: a 5×2 array of (x, y) pixels."""
+    return np.asarray(PAPER_TEMPLATE_112x96, dtype=np.float64) * np.array([width / 96.0, height / 112.0])
+
+
+def _resolve_template(spec: InputSpec) -> tuple[tuple[float, float], ...] | None:
+    """Validate ``align``/``template`` and fill in the default template, as plain tuples (the spec is hashable)."""
+    if spec.align not in ALIGNMENTS:
+        raise ValueError(f"align must be one of {list(ALIGNMENTS)}, got {spec.align!r}")
+    if spec.align == "none":
+        if spec.template is not None:
+            raise ValueError("template is only meaningful with align='similarity5'")
+        return None
+    points = face_template(spec.height, spec.width) if spec.template is None else spec.template
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"template must be 5 (x, y) points, got {spec.template!r}") from None
+    if array.shape != (5, 2) or not np.isfinite(array).all():
+        raise ValueError(f"template must be 5 finite (x, y) points, got {spec.template!r}")
+    if np.ptp(array, axis=0).max() <= 0:
+        raise ValueError("template points must not all coincide")
+    return tuple((float(x), float(y)) for x, y in array)
+
+
+def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The rotation, uniform scale and translation that best maps ``source`` points onto ``target`` (2×3).
+
+    Least squares over all points, closed form (Umeyama 1991, "Least-squares estimation of transformation
+    parameters between two point patterns"): the rotation comes from the SVD of the cross-covariance, with a
+    sign fix that rules out reflections. Raises ValueError for points that all coincide or are not finite.
+    """
+    source, target = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if source.shape != target.shape or source.ndim != 2 or source.shape[1] != 2 or source.shape[0] < 2:
+        raise ValueError(f"need two equal N×2 point sets (N ≥ 2), got {source.shape} and {target.shape}")
+    if not (np.isfinite(source).all() and np.isfinite(target).all()):
+        raise ValueError("landmarks must be finite")
+    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
+    source_centred, target_centred = source - source_mean, target - target_mean
+    source_variance = (source_centred**2).sum() / len(source)
+    if source_variance <= 1e-12:
+        raise ValueError("landmarks all coincide: no transform can be estimated")
+    u, singular, vt = np.linalg.svd(target_centred.T @ source_centred / len(source))
+    signs = np.array([1.0, 1.0 if np.linalg.det(u) * np.linalg.det(vt) >= 0 else -1.0])
+    rotation = u @ np.diag(signs) @ vt
+    scale = float(singular @ signs) / source_variance
+    translation = target_mean - scale * rotation @ source_mean
+    return np.hstack([scale * rotation, translation[:, None]])
+
+
+def align_face(image: Image.Image, landmarks: Sequence[Sequence[float]], spec: InputSpec) -> Image.Image:
+    """Warp ``image`` so that its 5 landmarks land on the spec's template: a spec-size image in spec's mode.
+
+    Landmarks and template are pixel positions with pixel (i, j)'s centre at (i, j), as the detector reports
+    them; Pillow's transform puts centres at +0.5, which :func:`_pillow_affine` accounts for. A face much
+    larger than the output is first box-reduced by an integer factor so that the warp does not alias.
+    The one alignment used both by ``training.align`` and by the service.
+    """
+    if spec.template is None:
+        raise ValueError("this input spec does not align faces (align='none')")
+    source = np.asarray(landmarks, dtype=np.float64)
+    template = np.asarray(spec.template, dtype=np.float64)
+    image = to_mode(image, spec.mode)
+    matrix = similarity_transform(source, template)
+    factor = max(int(1.0 / _scale_of(matrix)), 1)
+    if factor >= 2:
+        image = image.reduce(factor)
+        matrix = similarity_transform((source + 0.5) / factor - 0.5, template)
+    resample = RESAMPLING[WARP_RESAMPLING[spec.resize]]
+    return image.transform((spec.width, spec.height), Image.Transform.AFFINE, _pillow_affine(matrix), resample)
+
+
+def _scale_of(matrix: np.ndarray) -> float:
+    """The uniform scale of a 2×3 similarity matrix."""
+    return math.sqrt(abs(float(np.linalg.det(matrix[:, :2]))))
+
+
+def _pillow_affine(matrix: np.ndarray) -> tuple[float, ...]:
+    """Image.transform's data for a source→output matrix in centre-at-integer pixels: the inverse map,
+    output (x + 0.5, y + 0.5) → source position + 0.5."""
+    linear, translation = matrix[:, :2], matrix[:, 2]
+    inverse = np.linalg.inv(linear)
+    offset = 0.5 - inverse @ (translation + 0.5)  # source_c = inv @ (out_c - 0.5 - t) + 0.5
+    return tuple(float(v) for v in (*inverse[0], offset[0], *inverse[1], offset[1]))
