@@ -48,15 +48,16 @@ IDENTIFY_K = (1, 5, 25, 100)  # large k: long searches, so concurrent ones overl
 @dataclass
 class Tally:
     requests: int = 0
-    by_status: Counter[str] = field(default_factory=Counter)  # "embed 200", "delete 404", "identify error"
+    by_status: Counter[str] = field(default_factory=Counter)  # "embed 200", "identify error ReadError"
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     rss_timeline_mb: list[float] = field(default_factory=list)  # one reading every 10 s
     hung: bool = False  # clients still waiting at the grace deadline (they were cancelled)
 
-    def add(self, op: str, status: int | None) -> None:
+    def add(self, op: str, status: int | None, error: BaseException | None = None) -> None:
+        """One answer (``status``), or a transport failure (``None``, named by its exception type)."""
         self.requests += 1
-        self.by_status[f"{op} {status if status is not None else 'error'}"] += 1
+        self.by_status[f"{op} {status}" if status is not None else f"{op} error {type(error).__name__}"] += 1
 
     @property
     def server_errors(self) -> int:
@@ -64,7 +65,7 @@ class Tally:
 
     @property
     def transport_errors(self) -> int:
-        return sum(n for key, n in self.by_status.items() if key.endswith(" error"))
+        return sum(n for key, n in self.by_status.items() if key.split()[1] == "error")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,8 +169,8 @@ class MixedLoad:
                     op = self.rng.choices(ops, weights)[0]
                     try:
                         tally.add(op, await self.send(c, op))
-                    except httpx.HTTPError:
-                        tally.add(op, None)
+                    except httpx.HTTPError as error:
+                        tally.add(op, None, error)
 
             async def sample_rss() -> None:
                 tick = 0

@@ -6,16 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
+
 from bench.mixed_load import MIX, Tally, main, markdown_row
 
 
 def test_tally_counts_server_and_transport_errors_apart() -> None:
     tally = Tally()
-    for op, status in [("embed", 200), ("identify", 500), ("delete", 503), ("delete", 404), ("enroll", None)]:
+    for op, status in [("embed", 200), ("identify", 500), ("delete", 503), ("delete", 404)]:
         tally.add(op, status)
+    tally.add("enroll", None, httpx.ReadError("connection reset"))
     assert tally.requests == 5
     assert tally.server_errors == 2 and tally.transport_errors == 1
-    assert tally.by_status == {"embed 200": 1, "identify 500": 1, "delete 503": 1, "delete 404": 1, "enroll error": 1}
+    expected = {"embed 200": 1, "identify 500": 1, "delete 503": 1, "delete 404": 1, "enroll error ReadError": 1}
+    assert tally.by_status == expected
 
 
 def test_short_mixed_run_against_a_real_server(bundle_dir: Path, tmp_path: Path) -> None:
