@@ -133,7 +133,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, bundle: Path, data_dir: Path, max_batch: int, args: argparse.Namespace, log: Path) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        data_dir: Path,
+        max_batch: int,
+        args: argparse.Namespace,
+        log: Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         env = {
             **os.environ,
@@ -145,6 +153,7 @@ class Server:
         }
         if args.torch_threads:
             env["CENTERID_TORCH_THREADS"] = str(args.torch_threads)
+        env.update(extra_env or {})
         port = self.url.rsplit(":", 1)[1]
         command = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", port]
         command += ["--log-level", "warning", "--no-access-log"]

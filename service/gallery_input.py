@@ -141,7 +141,8 @@ def _check_tree(root: Mapping[str, Any], field: str) -> None:
                     if not isinstance(key, str):
                         raise GalleryInputError(field, f"object keys must be strings{place}")
                     _refuse_unencodable(key, field, f" in a key{place}")
-                    pending.append((item, f"{where}.{key}" if where else key, depth + 1))
+                    name = key if len(key) <= 40 else key[:37] + "..."  # messages stay short
+                    pending.append((item, f"{where}.{name}" if where else name, depth + 1))
             else:
                 pending.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
         elif isinstance(value, str):

@@ -275,7 +275,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "file, image or request too large, or too many files",
         415: "unsupported file type",
         422: "invalid parameter",
-        503: "not ready (model loading or gallery re-embedding)",
+        503: "not ready (model loading or gallery re-embedding), or the gallery store cannot answer",
     }.items()
 }
 
