@@ -4,8 +4,10 @@ scikit-learn's 8×8 digits (36 per class + one corrupt file per class), LeNets++
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +25,7 @@ from training.bundle import load_bundle
 from training.checkpoint import check_resumable
 from training.datasets import export_digits
 from training.loop import Diverged
+from training.progress import EpochProgress
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = 36
@@ -380,6 +383,44 @@ def test_threads_default_follows_the_measured_rule() -> None:
     runtime = train.setup_runtime(train.TrainConfig(data="", output="", device="cpu"))
     usable = len(os.sched_getaffinity(0))
     assert runtime.threads == torch.get_num_threads() and (runtime.threads == 1 or usable > 2)
+
+
+class FakeStream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_lines_are_timed_by_the_clock_and_a_terminal_gets_a_bar(caplog) -> None:
+    """Epoch 2 of 3, 10 steps of 32 images, 2 s per step on a fake clock, a line due every 5 s."""
+    now = [100.0]
+    progress = EpochProgress(1, 3, 10, every_s=5, stream=FakeStream(tty=False), clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="training"):
+        for step in range(1, 11):
+            now[0] += 2
+            progress.update(step, 32 * step, lambda: {"loss": "1.000"})
+    lines = [r.getMessage() for r in caplog.records]
+    # due at t = 6, 12, 18 s (steps 3, 6, 9); ETA: 2 s × steps left, plus 10 steps × 2 s for epoch 3
+    assert lines == [
+        f"epoch 2/3  step {k}/10 ({10 * k}%)  16 img/s  ETA epoch 0:{2 * (10 - k):02d}  run 0:{20 + 2 * (10 - k):02d}"
+        "  loss 1.000"
+        for k in (3, 6, 9)
+    ]
+    caplog.clear()
+    terminal = FakeStream(tty=True)
+    bar = EpochProgress(0, 1, 4, every_s=0, stream=terminal)
+    with caplog.at_level(logging.INFO, logger="training"):
+        for step in range(1, 5):
+            bar.update(step, 32 * step, lambda: {"loss": "1.000"})
+    assert bar.bar is not None and bar.bar.n == 4  # a tqdm bar counted every step
+    bar.close()
+    assert not caplog.records and "epoch 1/1" in terminal.getvalue()
+    quiet = FakeStream(tty=False)
+    EpochProgress(0, 1, 4, every_s=0, enabled=False, stream=quiet).update(1, 32, lambda: {})  # rank > 0
+    assert quiet.getvalue() == ""
 
 
 def diverging_args(digits: Path, out: Path) -> list[str]:
