@@ -283,6 +283,12 @@ BAD_ARGS = [
     (["--batch-size", "1000"], "exceeds the"),
     (["--resume", "/nonexistent/last.pt"], "not found"),
     (["--target-far", "2"], "--target-far"),
+    (["--head", "sphereface"], "--head"),
+    (["--head-margin", "0.3"], "--head-margin applies only to --head cosface or arcface"),
+    (["--head", "arcface", "--head-margin", "2"], "--head-margin must be in [0, π/2)"),
+    (["--head", "cosface", "--head-scale", "0"], "--head-scale must be finite and > 0"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--progress-every-s", "-1"], "--progress-every-s must be >= 0"),
 ]
 
 

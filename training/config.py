@@ -306,7 +306,8 @@ def _head_checks(config: TrainConfig) -> list[tuple[bool, str]]:
         given = [
             f for f, v in (("--head-scale", config.head_scale), ("--head-margin", config.head_margin)) if v is not None
         ]
-        return [(not given, f"{' and '.join(given)} only apply to --head cosface or arcface")]
+        verb = "applies" if len(given) == 1 else "apply"
+        return [(not given, f"{' and '.join(given)} {verb} only to --head cosface or arcface")]
     scale, margin = config.head_scale, config.head_margin
     return [
         (config.head in HEADS, f"--head must be one of {', '.join(HEADS)}, got {config.head!r}"),

@@ -1,4 +1,4 @@
-"""Train an embedding network with softmax + λ·center loss and write a calibrated bundle.
+"""Train an embedding network with a softmax, CosFace or ArcFace head + λ·center loss and write a calibrated bundle.
 
     python -m training --data data/orl --output bundles/orl --holdout-identities 10
     torchrun --nproc_per_node=2 -m training --data ... --output ...      # DDP (nccl on CUDA, gloo on CPU)
