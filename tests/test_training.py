@@ -3,9 +3,13 @@ scikit-learn's 8×8 digits (36 per class + one corrupt file per class), LeNets++
 
 from __future__ import annotations
 
+import argparse
+import io
 import itertools
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +24,8 @@ from training import evaluate, train
 from training.bundle import load_bundle
 from training.checkpoint import check_resumable
 from training.datasets import export_digits
+from training.loop import Diverged
+from training.progress import EpochProgress
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = 36
@@ -277,6 +283,12 @@ BAD_ARGS = [
     (["--batch-size", "1000"], "exceeds the"),
     (["--resume", "/nonexistent/last.pt"], "not found"),
     (["--target-far", "2"], "--target-far"),
+    (["--head", "sphereface"], "--head"),
+    (["--head-margin", "0.3"], "--head-margin applies only to --head cosface or arcface"),
+    (["--head", "arcface", "--head-margin", "2"], "--head-margin must be in [0, π/2)"),
+    (["--head", "cosface", "--head-scale", "0"], "--head-scale must be finite and > 0"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--progress-every-s", "-1"], "--progress-every-s must be >= 0"),
 ]
 
 
@@ -335,3 +347,162 @@ def test_centers_are_not_optimised_and_no_decay_on_1d_params() -> None:
     assert decayed["weight_decay"] == config.weight_decay and plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
     assert len(optimised) == len(list(trainer.net.parameters()))
+
+
+def test_help_shows_every_options_default() -> None:
+    parser = train.build_parser()
+    text = parser.format_help().split("options:\n", 1)[1]
+    blocks = {block.split()[0].rstrip(","): " ".join(block.split()) for block in re.split(r"\n(?=  -)", text)}
+    options = [a for a in parser._actions if a.option_strings and a.default is not argparse.SUPPRESS]
+    assert len(options) > 30 and len(blocks) == len(options) + 1  # + --help
+    for action in options:
+        block = blocks[action.option_strings[0]]
+        assert action.required or "(default: " in block, block
+
+
+@pytest.mark.slow
+def test_threads_progress_lines_and_summary_in_a_non_tty_log(digits: Path, tmp_path: Path) -> None:
+    """Captured output is not a terminal: a plain progress line per step (--progress-every-s 0), the thread
+    count in force (--threads 1 against OMP_NUM_THREADS=2) and a last line that sums the run up."""
+    out = tmp_path / "run"
+    result = run_cli("--data", str(digits), "--output", str(out), *TRAIN_ARGS, "--epochs", "2", "--threads", "1",
+                     "--progress-every-s", "0", env_extra={"OMP_NUM_THREADS": "2"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    bundle = load_bundle(out)
+    assert bundle.metadata["training"]["threads"] == 1 and "1 thread(s) each" in result.stderr
+    steps = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["images"] // 32
+    progress = [line for line in result.stderr.splitlines() if re.match(r"epoch \d/2  step ", line)]
+    assert [line.split()[:4] for line in progress] == [
+        ["epoch", f"{e}/2", "step", f"{k}/{steps}"] for e in (1, 2) for k in range(1, steps + 1)
+    ]
+    assert all(re.search(r"  \d+ img/s  ETA epoch \d+:\d\d  run \d+:\d\d  loss ", line) for line in progress)
+    assert "\r" not in result.stderr  # no tqdm bar
+    evaluation = bundle.metadata["evaluation"]
+    last = result.stderr.strip().splitlines()[-1]
+    tar = evaluation["verification"]["tar_at_far"]["0.001"]["tar"]
+    assert last.startswith(f"done: bundle {out}: TAR@FAR=1e-3 {tar:.4f}, "), last
+    assert f"open-set rank-1 {evaluation['open_set']['rank1']:.4f} on 3 unseen identities" in last
+    assert f"threshold {bundle.threshold.value:.4f} at FAR 0.01 from held-out identities" in last
+
+
+def test_threads_default_follows_the_measured_rule() -> None:
+    runtime = train.setup_runtime(train.TrainConfig(data="", output="", device="cpu"))
+    usable = len(os.sched_getaffinity(0))
+    assert runtime.threads == torch.get_num_threads() and (runtime.threads == 1 or usable > 2)
+
+
+class FakeStream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_lines_are_timed_by_the_clock_and_a_terminal_gets_a_bar(caplog) -> None:
+    """Epoch 2 of 3, 10 steps of 32 images, 2 s per step on a fake clock, a line due every 5 s."""
+    now = [100.0]
+    progress = EpochProgress(1, 3, 10, every_s=5, stream=FakeStream(tty=False), clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="training"):
+        for step in range(1, 11):
+            now[0] += 2
+            progress.update(step, 32 * step, lambda: {"loss": "1.000"})
+    lines = [r.getMessage() for r in caplog.records]
+    # due at t = 6, 12, 18 s (steps 3, 6, 9); ETA: 2 s × steps left, plus 10 steps × 2 s for epoch 3
+    assert lines == [
+        f"epoch 2/3  step {k}/10 ({10 * k}%)  16 img/s  ETA epoch 0:{2 * (10 - k):02d}  run 0:{20 + 2 * (10 - k):02d}"
+        "  loss 1.000"
+        for k in (3, 6, 9)
+    ]
+    caplog.clear()
+    terminal = FakeStream(tty=True)
+    bar = EpochProgress(0, 1, 4, every_s=0, stream=terminal)
+    with caplog.at_level(logging.INFO, logger="training"):
+        for step in range(1, 5):
+            bar.update(step, 32 * step, lambda: {"loss": "1.000"})
+    assert bar.bar is not None and bar.bar.n == 4  # a tqdm bar counted every step
+    bar.close()
+    assert not caplog.records and "epoch 1/1" in terminal.getvalue()
+    quiet = FakeStream(tty=False)
+    EpochProgress(0, 1, 4, every_s=0, enabled=False, stream=quiet).update(1, 32, lambda: {})  # rank > 0
+    assert quiet.getvalue() == ""
+
+
+def diverging_args(digits: Path, out: Path) -> list[str]:
+    return ["--data", str(digits), "--output", str(out), *TRAIN_ARGS, "--lr", "1e30"]
+
+
+def test_a_diverging_run_stops_with_a_hint_and_writes_no_bundle(digits: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "diverged"
+    assert train.main(diverging_args(digits, out)) == 1
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # after the job's own log lines, one line says what happened
+    assert last.startswith("error: training diverged: the loss is nan at epoch 1/3, step 2/"), err
+    assert all(hint in last for hint in ("--lr", "--warmup-epochs", "--grad-clip")) and "earlier run" not in last
+    assert err.count("training diverged") == 1 and "Traceback" not in err
+    assert not (out / "bundle.json").exists() and not list(out.glob("*.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged"]  # no half-written staging folder
+    assert (out / "metrics.jsonl").read_text() == "" and not list((out / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_a_diverging_run_leaves_an_earlier_bundle_as_it_was(trained, digits: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "earlier"
+    shutil.copytree(trained[0], out)
+    before = (out / "bundle.json").read_bytes()
+    assert train.main(diverging_args(digits, out)) == 1
+    assert "is an earlier run's, left as it was" in capsys.readouterr().err
+    assert (out / "bundle.json").read_bytes() == before
+
+
+def test_non_finite_weights_after_the_last_step_are_refused() -> None:
+    """A last step can overflow the weights with a finite loss: the check names the tensor and the hints."""
+    config = train.TrainConfig(data="", output="", arch="resnet18", width=4, image_size=(16, 16), feat_dim=8)
+    trainer = train.build_trainer(config, train.Runtime(0, 1, torch.device("cpu")), num_classes=5, steps_per_epoch=3)
+    trainer.check_finite_weights()  # fresh weights: fine
+    running_var = next(k for k in trainer.embed.state_dict() if k.endswith("running_var"))
+    trainer.embed.state_dict()[running_var][0] = float("inf")  # a batch-norm statistic, not a parameter
+    with pytest.raises(Diverged, match=f"non-finite weights after the last step \\({re.escape(running_var)}\\)"):
+        trainer.check_finite_weights()
+
+
+RANK_SCRIPT = """
+import math, sys, torch
+from training.config import TrainConfig
+from training.distributed import setup_runtime
+from training.loop import Diverged, build_trainer
+config = TrainConfig(data="", output="", arch="lenetpp", feat_dim=2, image_size=(16, 16), device="cpu")
+runtime = setup_runtime(config)
+trainer = build_trainer(config, runtime, num_classes=3, steps_per_epoch=4)
+trainer.stop_if_diverged(torch.tensor(1.0), 0, 0, 4)  # finite everywhere: no stop
+loss = torch.tensor(math.nan if runtime.rank == 1 else 2.5)  # only rank 1 sees the NaN
+try:
+    trainer.stop_if_diverged(loss, 0, 1, 4)
+except Diverged as error:
+    print(f"rank {runtime.rank} stopped: {error}", flush=True)
+    torch.distributed.destroy_process_group()
+    sys.exit(1)
+print(f"rank {runtime.rank} went on", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_under_ddp_a_nan_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    result = run_cli("--standalone", "--nproc_per_node=2", str(script), module="torch.distributed.run", timeout=120)
+    assert result.returncode != 0
+    assert "went on" not in result.stdout
+    assert "rank 1 stopped: training diverged: the loss is nan at epoch 1/20, step 2/4" in result.stdout
+    assert "rank 0 stopped: training diverged: another process's loss is not finite" in result.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_diverging_run_exits_non_zero_without_a_bundle(digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    args = ["--standalone", "--nproc_per_node=2", "-m", "training", *diverging_args(digits, out), "--epochs", "2"]
+    result = run_cli(*args, module="torch.distributed.run", timeout=120)  # a rank left waiting would hang here
+    assert result.returncode != 0
+    assert result.stderr.count("error: training diverged") == 1, result.stderr[-3000:]
+    assert not (out / "bundle.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]

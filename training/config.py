@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from training.heads import HEADS, PAPER_DEFAULTS, head_defaults
 from training.models import MODELS
 
 MARGIN_GRAD_CLIP = 5.0
+FEW_CORES = 2  # at most this many usable cores: one thread by default (measured, docs/benchmarks_training.md)
 # options that may change between a run and its --resume without changing what is trained
 RUNTIME_FIELDS = {
     "data",
@@ -26,6 +28,8 @@ RUNTIME_FIELDS = {
     "resume",
     "device",
     "workers",
+    "threads",
+    "progress_every_s",
     "compile",
     "keep_checkpoints",
     "flip_tta",
@@ -38,6 +42,12 @@ RUNTIME_FIELDS = {
 
 class ConfigError(ValueError):
     """Bad command-line input or an environment that cannot run it; the message names the option."""
+
+
+def default_threads() -> int:
+    """1 on a machine with few cores (where torch's one-thread-per-core lost to one thread), else 0 (torch's)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if usable <= FEW_CORES else 0
 
 
 @dataclass
@@ -74,6 +84,8 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     workers: int = 0
+    threads: int | None = None  # None: default_threads() (filled in by __post_init__)
+    progress_every_s: float = 5.0
     cache: str = "auto"
     resume: str | None = None
     keep_checkpoints: bool = False
@@ -88,6 +100,8 @@ class TrainConfig:
             self.head_scale = default_scale
         if self.head_margin is None:
             self.head_margin = default_margin
+        if self.threads is None:
+            self.threads = default_threads()
         if self.grad_clip is None:
             self.grad_clip = 0.0 if self.head == "softmax" else MARGIN_GRAD_CLIP
 
@@ -96,11 +110,16 @@ class TrainConfig:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the uninformative None/False of required options and flags."""
+    """Every option's default in its help: flags say "off", unset paths say "none"."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or action.required:
-            return action.help
+        text = action.help or ""
+        if action.required or "(default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.default is False:
+            return f"{text} (default: off)"
+        if action.default is None:
+            return f"{text} (default: none)"
         return super()._get_help_string(action)
 
 
@@ -127,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(data="", output="")
     p = _Parser(
         prog="python -m training",
-        description="Train a center-loss embedding network (softmax + λ·center loss) and write a bundle.",
+        description="Train an embedding network (softmax, CosFace or ArcFace head + λ·center loss) and write a bundle.",
         formatter_class=_HelpFormatter,
     )
     add = p.add_argument
@@ -216,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="torch.compile the network (slow start; needs a C++ compiler on CPU)")
     add("--workers", type=int, default=d.workers, help="DataLoader worker processes (0 = load in the training process)")
     add(
+        "--threads",
+        type=int,
+        help="torch intra-op CPU threads per process, 0 = torch's default (one per core) (default: 1 where the"
+        f" process may use at most {FEW_CORES} cores, else 0: on a loaded 2-core host one thread trained several"
+        " times faster than two, see docs/benchmarks_training.md)",
+    )
+    add(
+        "--progress-every-s",
+        type=float,
+        default=d.progress_every_s,
+        metavar="SECONDS",
+        help="when stderr is not a terminal, a progress line (images/s, ETA) this often within an epoch"
+        " (0 = every step); on a terminal, a tqdm bar",
+    )
+    add(
         "--cache",
         choices=("auto", "on", "off"),
         default=d.cache,
@@ -250,6 +284,11 @@ def validate(config: TrainConfig) -> None:
         (0 < config.center_alpha <= 1, f"--center-alpha (α) must be in (0, 1], got {config.center_alpha}"),
         (0 <= config.test_fraction < 1, f"--test-fraction must be in [0, 1), got {config.test_fraction}"),
         (config.workers >= 0, f"--workers must be >= 0, got {config.workers}"),
+        (config.threads >= 0, f"--threads must be >= 0, got {config.threads}"),
+        (
+            math.isfinite(config.progress_every_s) and config.progress_every_s >= 0,
+            f"--progress-every-s must be >= 0, got {config.progress_every_s}",
+        ),
         (0 < config.target_far < 1, f"--target-far must be in (0, 1), got {config.target_far}"),
         (config.grad_clip >= 0, f"--grad-clip must be >= 0, got {config.grad_clip}"),
         (
@@ -276,7 +315,8 @@ def _head_checks(config: TrainConfig) -> list[tuple[bool, str]]:
         given = [
             f for f, v in (("--head-scale", config.head_scale), ("--head-margin", config.head_margin)) if v is not None
         ]
-        return [(not given, f"{' and '.join(given)} only apply to --head cosface or arcface")]
+        verb = "applies" if len(given) == 1 else "apply"
+        return [(not given, f"{' and '.join(given)} {verb} only to --head cosface or arcface")]
     scale, margin = config.head_scale, config.head_margin
     return [
         (config.head in HEADS, f"--head must be one of {', '.join(HEADS)}, got {config.head!r}"),

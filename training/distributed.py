@@ -21,6 +21,7 @@ class Runtime:
     rank: int
     world: int
     device: torch.device
+    threads: int = 1  # torch intra-op threads of this process, as in force (recorded in the bundle)
 
     @property
     def is_main(self) -> bool:
@@ -51,10 +52,12 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s", force=True)
-    return Runtime(rank, world, device)
+    return Runtime(rank, world, device, torch.get_num_threads())
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:

@@ -8,22 +8,22 @@ touch them.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from training.center_loss import CenterLoss
 from training.config import TrainConfig
 from training.distributed import Runtime, all_ranks, reduce_sum
 from training.heads import build_head
 from training.models import build_model
+from training.progress import EpochProgress
 
 STEP_MILESTONES = (0.5, 0.75)  # --schedule step: lr × 0.1 after half and three quarters of the epochs
 
@@ -83,6 +83,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, conf
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, config))
 
 
+class Diverged(RuntimeError):
+    """The loss or the weights stopped being finite: the run stops and nothing is published."""
+
+    def __init__(self, config: TrainConfig, what: str) -> None:
+        super().__init__(
+            f"training diverged: {what}; no bundle was written. Try a lower --lr (now {config.lr:g}), a longer"
+            f" warm-up (--warmup-epochs, now {config.warmup_epochs}) or gradient clipping (--grad-clip, now"
+            f" {config.grad_clip:g})"
+        )
+
+
 @dataclass
 class Trainer:
     config: TrainConfig
@@ -120,6 +131,29 @@ class Trainer:
         if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
+    def stop_if_diverged(self, loss: torch.Tensor, epoch: int, step: int, steps: int) -> None:
+        """Raise :class:`Diverged` on every rank at once when any rank's loss is not finite.
+
+        Costs one host sync per step (and, under DDP, one all-reduce of one number): the price of never
+        taking an optimizer step on a NaN, nor letting one rank stop while the others wait for it.
+        """
+        finite = bool(torch.isfinite(loss.detach()))
+        if self.runtime.distributed:
+            finite = all_ranks(finite, self.runtime)
+        if not finite:
+            value = float(loss.detach())
+            lr = self.optimizer.param_groups[0]["lr"]
+            where = f"epoch {epoch + 1}/{self.config.epochs}, step {step + 1}/{steps}, lr {lr:.4g}"
+            culprit = f"the loss is {value}" if not math.isfinite(value) else "another process's loss is not finite"
+            raise Diverged(self.config, f"{culprit} at {where}")
+
+    def check_finite_weights(self) -> None:
+        """The last step can overflow the weights with a finite loss; such a network must not ship either."""
+        tensors = {**self.embed.state_dict(), "centers": self.center_loss.centers}  # with batch-norm statistics
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise Diverged(self.config, f"non-finite weights after the last step ({', '.join(bad[:3])})")
+
     def train_epoch(self, loader: Any, epoch: int) -> dict[str, float]:
         """One pass; returns the epoch's metrics summed over all ranks."""
         config, device = self.config, self.runtime.device
@@ -127,17 +161,12 @@ class Trainer:
         self.center_loss.train()
         # loss, softmax loss, center loss (each × batch size), correct, images, feature norm sum
         sums = torch.zeros(6, dtype=torch.float64, device=device)
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=not (self.runtime.is_main and sys.stderr.isatty()),
-        )
+        steps = len(loader)
+        progress = EpochProgress(epoch, config.epochs, steps, config.progress_every_s, enabled=self.runtime.is_main)
         # streamed batches can shrink (undecodable files are dropped); cached ones never do
         streaming = not loader.dataset.cached
-        start = time.perf_counter()
-        for step, (images, labels) in enumerate(bar):
+        start, seen = time.perf_counter(), 0
+        for step, (images, labels) in enumerate(loader):
             usable = len(labels) >= 2  # batch norm needs 2 rows
             if streaming and self.runtime.distributed:
                 # a rank skipping alone would pair its next all-reduce with the others' current one
@@ -153,6 +182,7 @@ class Trainer:
             # λ = 0: the centers still follow the features (for nearest-center accuracy), without gradient
             center = self.center_loss(features if config.center_weight > 0 else features.detach(), labels)
             loss = softmax_loss + config.center_weight * center
+            self.stop_if_diverged(loss, epoch, step, steps)  # before backward: no NaN step is ever taken
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -160,9 +190,9 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             sums += _batch_sums(loss, softmax_loss, center, logits, features, labels)
-            if not bar.disable and step % 10 == 0:
-                bar.set_postfix(_postfix(sums.tolist(), time.perf_counter() - start))
-        bar.close()
+            seen += len(labels) * self.runtime.world
+            progress.update(step + 1, seen, partial(_postfix, sums))
+        progress.close()
         total = reduce_sum(sums, self.runtime).tolist()
         elapsed = time.perf_counter() - start
         count = max(total[4], 1.0)
@@ -197,9 +227,11 @@ def _batch_sums(
     return torch.stack([loss * n, softmax_loss * n, center * n, correct, n, norms]).double()
 
 
-def _postfix(s: list[float], elapsed: float) -> dict[str, str]:
+def _postfix(sums: torch.Tensor) -> dict[str, str]:
+    """The running means of the epoch so far, for the progress bar or line (one device→host copy)."""
+    s = sums.tolist()
     return {"loss": f"{s[0] / s[4]:.3f}", "ce": f"{s[1] / s[4]:.3f}", "center": f"{s[2] / s[4]:.2f}",
-            "acc": f"{s[3] / s[4]:.3f}", "img_s": f"{s[4] / elapsed:.0f}"}  # fmt: skip
+            "acc": f"{s[3] / s[4]:.3f}"}  # fmt: skip
 
 
 def build_trainer(config: TrainConfig, runtime: Runtime, num_classes: int, steps_per_epoch: int) -> Trainer:

@@ -63,6 +63,7 @@ def finish(
         "split": split.summary(),
         "skipped_images": skipped,
         "world_size": trainer.runtime.world,
+        "threads": trainer.runtime.threads,
         "final_epoch": history[-1] if history else None,
     }
     embed.eval()
@@ -81,7 +82,7 @@ def finish(
     print(format_results(results))
     for warning in results["calibration"]["warnings"]:
         log.warning("WARNING: the bundle is marked UNCALIBRATED: %s", warning)
-    log.info("bundle written to %s", output)
+    log.info("%s", summary_line(output, results, split.summary()["holdout_identities"]))
     return output
 
 
@@ -109,6 +110,30 @@ def calibrate(
             entry = record["calibration"][part]
             entry["names"] = [names[label] for label in entry.pop("labels")]
     return (Threshold(**record) if record else None), strangers
+
+
+def summary_line(output: Path, results: dict[str, Any], unseen_identities: int) -> str:
+    """The run in one line: where the bundle is, its figures on unseen identities, where its threshold came from."""
+    ver = results.get("verification") or {}
+    tar = (ver.get("tar_at_far") or {}).get("0.001", {}).get("tar")
+    rank1 = (results.get("open_set") or {}).get("rank1")
+    on = f"{unseen_identities} unseen identities" if unseen_identities else "training identities' test images"
+    figures = f"TAR@FAR=1e-3 {_number(tar)}, open-set rank-1 {_number(rank1)} on {on}"
+    threshold = results.get("threshold")
+    basis = results.get("threshold_basis") or results.get("pairs_from") or "unknown"
+    if isinstance(basis, dict):
+        basis = ", ".join(f"{k} {v}" for k, v in basis.items())
+    if threshold:
+        calibrated = f"threshold {_number(threshold['value'])} at FAR {threshold['target_far']:g} from {basis}"
+        if threshold.get("calibrated") is False:
+            calibrated += " (UNCALIBRATED: see the warnings above)"
+    else:
+        calibrated = "no threshold (uncalibrated: too few pairs)"
+    return f"done: bundle {output}: {figures}; {calibrated}"
+
+
+def _number(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def write_plots(

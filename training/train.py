@@ -1,4 +1,4 @@
-"""Train an embedding network with softmax + λ·center loss and write a calibrated bundle.
+"""Train an embedding network with a softmax, CosFace or ArcFace head + λ·center loss and write a calibrated bundle.
 
     python -m training --data data/orl --output bundles/orl --holdout-identities 10
     torchrun --nproc_per_node=2 -m training --data ... --output ...      # DDP (nccl on CUDA, gloo on CPU)
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +41,7 @@ from training.data import (
     with_test_folder,
 )
 from training.distributed import Runtime, seed_epoch, setup_runtime
-from training.loop import Trainer, build_embed, build_trainer, lr_factor
+from training.loop import Diverged, Trainer, build_embed, build_trainer, lr_factor
 from training.preprocess import InputSpec, Preprocessor
 from training.publish import finish
 
@@ -125,14 +126,18 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path | None:
         start_epoch, history = int(checkpoint["epoch"]), list(checkpoint["history"])
     summary = split.summary()
     log.info(
-        "training %s on %d images of %d identities (%d test images, %d held-out identities), %d process(es) on %s",
+        "training %s (%s head, λ=%g) on %d images of %d identities (%d test images, %d held-out identities),"
+        " %d process(es) on %s, %d thread(s) each",
         config.arch,
+        config.head,
+        config.center_weight,
         len(train_set),
         summary["train_identities"],
         summary["test_images"],
         summary["holdout_identities"],
         runtime.world,
         runtime.device,
+        runtime.threads,
     )
     if runtime.is_main:
         _start_outputs(output, history, fresh=not config.resume)
@@ -146,6 +151,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> Path | None:
         dist.barrier()
     if not runtime.is_main:
         return None
+    trainer.check_finite_weights()
     return finish(config, trainer, split, preprocess, train_set.skipped, history)
 
 
@@ -190,4 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, BundleError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Diverged as error:  # every rank raises it together; one message is enough
+        if os.environ.get("RANK", "0") == "0":
+            earlier = (Path(config.output) / "bundle.json").is_file()
+            note = f" (the bundle already in {config.output} is an earlier run's, left as it was)" if earlier else ""
+            print(f"error: {error}{note}", file=sys.stderr)
+        return 1
     return 0
