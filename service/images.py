@@ -24,8 +24,9 @@ from training.preprocess import UNREDUCIBLE, Preprocessor
 
 logger = logging.getLogger("centerid.service")
 
-# (signature, offset, Pillow format name). PGM/PPM/PBM are Pillow's "PPM" plugin; multi-picture JPEG is
-# "MPO"; BigTIFF (version 43 instead of 42) is read by Pillow's TIFF plugin.
+# (signature, offset, Pillow format name). PGM/PPM/PBM/PFM are Pillow's "PPM" plugin; multi-picture JPEG is
+# "MPO"; little-endian BigTIFF (version 43 instead of 42) is read by Pillow's TIFF plugin, big-endian
+# BigTIFF is not (Pillow 13 tests the version byte at the little-endian position), so it is refused by name.
 SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "JPEG"),
     (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
@@ -33,15 +34,17 @@ SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"II*\x00", 0, "TIFF"),
     (b"MM\x00*", 0, "TIFF"),
     (b"II+\x00", 0, "TIFF"),
-    (b"MM\x00+", 0, "TIFF"),
     (b"GIF87a", 0, "GIF"),
     (b"GIF89a", 0, "GIF"),
     (b"WEBP", 8, "WEBP"),
     *((f"P{n}".encode(), 0, "PPM") for n in range(1, 7)),
+    (b"Pf", 0, "PPM"),  # PFM (float) greyscale and colour, also Pillow's PPM plugin
+    (b"PF", 0, "PPM"),
 )
 PILLOW_FORMATS = {"JPEG": ("JPEG", "MPO"), "PNG": ("PNG",), "BMP": ("BMP",), "TIFF": ("TIFF",), "GIF": ("GIF",),
                   "WEBP": ("WEBP",), "PPM": ("PPM",)}  # fmt: skip
-SUPPORTED = "JPEG, PNG, BMP, PGM/PPM, TIFF (and BigTIFF), WebP, GIF"
+SUPPORTED = "JPEG, PNG, BMP, PGM/PPM/PFM, TIFF (classic, and little-endian BigTIFF), WebP, GIF"
+BIG_ENDIAN_BIGTIFF = b"MM\x00+"
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError)
 # Pillow stores these modes in 1 or 2 bytes per pixel, every other mode (RGB included) in 4.
 NARROW_MODES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
@@ -117,6 +120,8 @@ def open_upload(
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"{field}: {len(data)} bytes exceeds the limit of {max_bytes} bytes per file")
     kind = sniff_format(data)
+    if kind is None and data.startswith(BIG_ENDIAN_BIGTIFF):
+        raise UnsupportedMediaType(f"{field}: big-endian BigTIFF is not supported (supported: {SUPPORTED})")
     if kind is None:
         raise UnsupportedMediaType(f"{field}: not a supported image format ({SUPPORTED})")
     try:
