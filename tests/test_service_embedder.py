@@ -8,6 +8,7 @@ import contextlib
 import subprocess
 import sys
 import textwrap
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from conftest import ROOT, orl_bytes, orl_image, service_client
 
 from service.embedder import Embedder
-from service.errors import NotReady
+from service.errors import NotReady, Overloaded
 from training.bundle import load_bundle
 
 
@@ -153,3 +154,104 @@ def test_torch_and_faiss_together_neither_crash_nor_deadlock(imports: str) -> No
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["ok", "2", "2"]
+
+
+# -- backpressure: bounded queue, deadlines, one bad job fails alone ----------------------------------------
+class GatedModel(torch.nn.Module):
+    """Wraps the bundle's model: the first forward pass blocks until ``release`` (so that the test decides
+    what is queued behind it), and any batch holding a row marked with POISON raises."""
+
+    POISON = 1234.0
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.started, self.release = threading.Event(), threading.Event()
+        self.batches: list[int] = []
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        self.started.set()
+        assert self.release.wait(60), "the test never released the worker"
+        self.batches.append(batch.shape[0])
+        if (batch == self.POISON).flatten(1).all(dim=1).any():
+            raise RuntimeError("poisoned row")
+        return self.model(batch)
+
+
+def gated_embedder(bundle_dir: Path, **options: object) -> tuple[Embedder, GatedModel]:
+    bundle = load_bundle(bundle_dir)
+    gate = GatedModel(bundle.model)
+    bundle.model = gate
+    return Embedder(bundle, threads=1, **options), gate  # type: ignore[arg-type]
+
+
+def test_one_failing_job_fails_alone_and_its_batch_mates_succeed(bundle_dir: Path, faces: torch.Tensor) -> None:
+    reference = one_by_one(bundle_dir, faces)[:4]
+    poison = torch.full_like(faces[:1], GatedModel.POISON)
+
+    async def scenario(embedder: Embedder, gate: GatedModel) -> list[object]:
+        first = asyncio.create_task(embedder.embed(faces[:1]))
+        await asyncio.to_thread(gate.started.wait, 60)  # the worker is busy: the next jobs queue up together
+        queued = [embedder.embed(faces[1:3]), embedder.embed(poison), embedder.embed(faces[3:4])]
+        tasks = [asyncio.create_task(job) for job in queued]
+        await until_queued(embedder, 4)
+        gate.release.set()
+        return [await first, *await asyncio.gather(*tasks, return_exceptions=True)]
+
+    embedder, gate = gated_embedder(bundle_dir, max_batch=8, max_wait_ms=0)
+    with embedder:
+        first, pair, failed, last = asyncio.run(scenario(embedder, gate))
+    assert gate.batches == [1, 4, 2, 1, 1]  # the batch of 4 failed, then each job ran alone
+    assert isinstance(failed, RuntimeError) and "poisoned" in str(failed)
+    np.testing.assert_allclose(np.concatenate([first, pair, last]), reference, atol=1e-5)  # type: ignore[list-item]
+
+
+async def until_queued(embedder: Embedder, rows: int) -> None:
+    for _ in range(100_000):
+        if embedder.queue_depth == rows:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"queue depth stayed {embedder.queue_depth}, expected {rows}")
+
+
+def test_a_full_queue_refuses_with_503(bundle_dir: Path, faces: torch.Tensor) -> None:
+    async def scenario(embedder: Embedder, gate: GatedModel) -> None:
+        first = asyncio.create_task(embedder.embed(faces[:1]))
+        await asyncio.to_thread(gate.started.wait, 60)
+        waiting = asyncio.create_task(embedder.embed(faces[1:4], queue_limit=4))  # 3 rows: fits
+        await until_queued(embedder, 3)
+        with pytest.raises(Overloaded, match="inference queue is full \\(3 images waiting, limit 4\\)") as refused:
+            await embedder.embed(faces[4:6], queue_limit=4)  # 3 + 2 > 4
+        assert refused.value.headers == {"Retry-After": "1"}
+        assert embedder.queue_depth == 3  # the refused job was not counted
+        gate.release.set()
+        await asyncio.gather(first, waiting)
+        big = await embedder.embed(faces[:6], queue_limit=4)  # an empty queue takes one job of any size
+        assert big.shape[0] == 6
+
+    embedder, gate = gated_embedder(bundle_dir, max_batch=8, max_wait_ms=0)
+    with embedder:
+        asyncio.run(scenario(embedder, gate))
+
+
+def test_a_job_past_its_deadline_is_dropped_before_its_forward(bundle_dir: Path, faces: torch.Tensor) -> None:
+    now = [0.0]
+
+    async def scenario(embedder: Embedder, gate: GatedModel) -> None:
+        first = asyncio.create_task(embedder.embed(faces[:1]))
+        await asyncio.to_thread(gate.started.wait, 60)
+        late = asyncio.create_task(embedder.embed(faces[1:3], deadline=50.0))  # real wait bound: 50 s
+        on_time = asyncio.create_task(embedder.embed(faces[3:4], deadline=500.0))
+        await until_queued(embedder, 3)
+        now[0] = 100.0  # the clock passes the first deadline while the worker is busy
+        gate.release.set()
+        with pytest.raises(Overloaded, match="deadline passed before its forward pass"):
+            await late
+        assert (await on_time).shape == (1, embedder.bundle.feat_dim)
+        await first
+
+    embedder, gate = gated_embedder(bundle_dir, max_batch=8, max_wait_ms=0, clock=lambda: now[0])
+    with embedder:
+        asyncio.run(scenario(embedder, gate))
+    assert gate.batches == [1, 1]  # the late job's two rows never reached the model
+    assert embedder.queue_depth == 0
