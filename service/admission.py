@@ -6,8 +6,9 @@ waits in line for at most ``wait_s`` (or until its deadline) and is then refused
 and ``Retry-After``. Memory is thus bounded by configuration, whatever the uploads claim.
 
 The gate is thread-safe and loop-agnostic: waiters are woken on their own event loop, so a reservation
-may be released from any thread. Waiters are served first come, first served: a large reservation at the
-head of the line is not overtaken forever by small ones.
+may be released from any thread. Admission is greedy, in arrival order: whatever fits is admitted, even
+past a larger waiter that does not fit yet. Under an attack of huge images a normal upload (kilobytes)
+thus still gets in at once; the huge ones wait their bounded time and get 503, which is the point.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class AdmissionGate:
     # -- internals (callers hold no lock) -------------------------------------------------------------------
     def _take_or_queue(self, cost: int) -> _Waiter | None:
         with self._lock:
-            if not self._waiters and self._in_use + cost <= self.capacity:
+            if self._in_use + cost <= self.capacity:
                 self._in_use += cost
                 return None
             waiter = _Waiter(cost, asyncio.get_running_loop(), asyncio.get_running_loop().create_future())
@@ -110,12 +111,13 @@ class AdmissionGate:
             if waiter.granted:
                 return True
             self._waiters.remove(waiter)
-            self._admit_waiters()  # a big waiter leaving the head may let smaller ones in
             return False
 
     def _admit_waiters(self) -> None:
-        while self._waiters and self._in_use + self._waiters[0].cost <= self.capacity:
-            waiter = self._waiters.popleft()
+        for waiter in list(self._waiters):
+            if self._in_use + waiter.cost > self.capacity:
+                continue
+            self._waiters.remove(waiter)
             self._in_use += waiter.cost
             waiter.granted = True
             try:

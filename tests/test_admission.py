@@ -1,5 +1,6 @@
 """service.admission: the in-flight decode budget admits what fits, queues the rest in arrival order for a
-bounded wait, refuses with 503 + Retry-After when the wait runs out, and never leaks a reservation.
+bounded wait (whatever fits goes first), refuses with 503 + Retry-After when the wait runs out, and never
+leaks a reservation.
 
 Everything is driven by events and by the gate's own state (``waiting``, ``in_use``); a "no wait" is
 ``wait_s=0``, a long wait is one that the test ends itself. No sleeps."""
@@ -56,7 +57,7 @@ def test_more_than_the_whole_budget_is_413() -> None:
     asyncio.run(scenario())
 
 
-def test_a_waiter_is_admitted_when_the_holder_releases() -> None:
+def test_waiters_are_admitted_when_the_holder_releases_and_small_ones_do_not_wait_behind_big_ones() -> None:
     async def scenario() -> None:
         gate = AdmissionGate(100, wait_s=3600)
         holder_done = asyncio.Event()
@@ -66,20 +67,27 @@ def test_a_waiter_is_admitted_when_the_holder_releases() -> None:
             async with gate.reserve(70, "holder"):
                 await holder_done.wait()
 
-        async def want(name: str, cost: int) -> None:
+        async def want(name: str, cost: int, done: asyncio.Event | None = None) -> None:
             async with gate.reserve(cost, name):
                 admitted.append(name)
+                if done is not None:
+                    await done.wait()
 
         holder = asyncio.create_task(hold())
         await until(lambda: gate.in_use == 70)
         big = asyncio.create_task(want("big", 50))
         await until(lambda: gate.waiting == 1)
-        small = asyncio.create_task(want("small", 10))  # would fit now, but must not overtake "big"
+        await asyncio.wait_for(want("small", 10), 60)  # fits beside the holder: in at once, past "big"
+        assert admitted == ["small"] and gate.waiting == 1
+        second_big_done = asyncio.Event()
+        second_big = asyncio.create_task(want("second big", 40, second_big_done))
         await until(lambda: gate.waiting == 2)
-        assert admitted == []
-        holder_done.set()
-        await asyncio.gather(holder, big, small)
-        assert admitted == ["big", "small"] and gate.in_use == 0 and gate.waiting == 0
+        holder_done.set()  # 100 free: "big" (50) then "second big" (40) both fit, admitted in arrival order
+        await until(lambda: len(admitted) == 3)
+        assert admitted == ["small", "big", "second big"]
+        second_big_done.set()
+        await asyncio.gather(holder, big, second_big)
+        assert gate.in_use == 0 and gate.waiting == 0
 
     asyncio.run(scenario())
 
@@ -112,7 +120,7 @@ def test_a_cancelled_waiter_leaves_the_line_and_lets_others_in() -> None:
         with pytest.raises(asyncio.CancelledError):
             await blocked
         assert gate.waiting == 0 and gate.in_use == 90
-        async with gate.reserve(10, "next"):  # fits beside the holder: the cancelled one is not in the way
+        async with gate.reserve(10, "next"):
             assert gate.in_use == 100
         release.set()
         await holder

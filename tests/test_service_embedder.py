@@ -196,7 +196,7 @@ def test_one_failing_job_fails_alone_and_its_batch_mates_succeed(bundle_dir: Pat
         tasks = [asyncio.create_task(job) for job in queued]
         await until_queued(embedder, 4)
         gate.release.set()
-        return [await first, *await asyncio.gather(*tasks, return_exceptions=True)]
+        return [await first, *await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)]
 
     embedder, gate = gated_embedder(bundle_dir, max_batch=8, max_wait_ms=0)
     with embedder:

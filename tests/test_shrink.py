@@ -13,7 +13,7 @@ import pytest
 from conftest import encode, orl_image
 from PIL import Image, ImageOps
 
-from service.images import ORIENTATIONS, load_for_model, open_upload, working_bytes_per_pixel
+from service.images import ORIENTATIONS, load_for_model, load_upload, open_upload, working_bytes_per_pixel
 from training.preprocess import RESAMPLING, SHRINK_GAP, InputSpec, Preprocessor, shrink, shrink_factor, to_mode
 
 SPECS = [InputSpec(1, 28, 24), InputSpec(3, 112, 96)]
@@ -132,6 +132,11 @@ def test_a_pending_upload_hands_its_pixels_over_once() -> None:
     assert pending.cost == 2760 * 3360 * 8  # RGBA: 4 bytes decoded + 4 for the premultiplied copy reduce makes
     small = load_for_model(pending, preprocess)
     assert small.size == preprocess.size
+    second = open_upload(encode(noisy_face(30, "RGBA"), "PNG", compress_level=1), "image", BIG, BIG, preprocess)
+    factors = shrink_factor((2760, 3360), preprocess.size)
+    early = load_upload(second, preprocess)  # what the decoder hands on: already box-reduced, still RGBA
+    assert early.size == tuple(-(-side // f) for side, f in zip((2760, 3360), factors, strict=True))
+    assert early.mode == "RGBA" and factors == (6, 7)
     with pytest.raises(RuntimeError, match="files\\[3\\]: this upload was already decoded"):
         pending.take()  # nothing keeps the full-size image alive once it has been shrunk
 
