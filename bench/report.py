@@ -26,6 +26,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Center-loss op", "docs/benchmarks_center_loss.md", ("bench/results/raw/center_loss_op.md",)),
     ("Serving and gallery", "docs/benchmarks_service.md",
      ("bench/results/raw/serve_load.json", "bench/results/raw/gallery_scale.json")),
+    ("Hardening", "docs/benchmarks_hardening.md", ()),
 )  # fmt: skip
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 

@@ -360,3 +360,15 @@ def test_after_a_500_the_keep_alive_client_carries_on(bundle_dir: Path, tmp_path
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+def test_a_request_past_its_deadline_is_503_overloaded(bundle_dir: Path, tmp_path: Path) -> None:
+    with service_client(bundle_dir, tmp_path, request_timeout_s=1e-9) as client:  # due before inference
+        response = client.post("/embed", files={"files": orl_bytes(4, 4)})
+        assert_error(response, 503, "overloaded", "deadline")
+        assert response.headers["retry-after"] == "1"
+        embedder = client.app.state.service.embedder
+        deadline = time.monotonic() + 60
+        while embedder.queue_depth and time.monotonic() < deadline:  # the abandoned job is dropped unrun
+            time.sleep(0.01)
+        assert embedder.queue_depth == 0
