@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,18 +55,34 @@ def test_concurrent_requests_share_forward_passes(bundle_dir: Path, faces: torch
 
 
 def test_a_lone_request_does_not_wait_but_an_announced_one_is_waited_for(bundle_dir: Path, faces: torch.Tensor) -> None:
-    async def scenario(embedder: Embedder) -> tuple[bool, np.ndarray]:
+    """No sleeps: a job taken off the queue while another request is announced must still be open to
+    company — a job submitted after the worker took the first one joins its batch — and the batch leaves
+    as soon as the announced request gives up."""
+
+    async def scenario(embedder: Embedder) -> np.ndarray:
         alone = await asyncio.wait_for(embedder.embed(faces[:1]), 60)  # max_wait is 10 minutes
         with embedder.announce():  # a request still decoding, which will fail and never submit
-            waiting = asyncio.create_task(embedder.embed(faces[1:2]))
-            await asyncio.sleep(0.3)
-            held_back = not waiting.done()
-        return held_back, np.concatenate([alone, await asyncio.wait_for(waiting, 60)])
+            first = asyncio.create_task(embedder.embed(faces[1:2]))
+            await until(lambda: embedder._queue.qsize() == 0 and embedder.queue_depth == 1)  # taken, not run
+            second = asyncio.create_task(embedder.embed(faces[2:3]))
+            await until(lambda: embedder._queue.qsize() == 0 and embedder.queue_depth == 2)  # joined it
+            assert not first.done()
+        rows = await asyncio.wait_for(asyncio.gather(first, second), 60)  # the give-up ends the wait
+        return np.concatenate([alone, *rows])
 
     with Embedder(load_bundle(bundle_dir), max_batch=8, max_wait_ms=600_000, threads=1) as embedder:
-        held_back, rows = asyncio.run(scenario(embedder))
-    assert held_back
-    np.testing.assert_allclose(rows, one_by_one(bundle_dir, faces)[:2], atol=1e-5)
+        rows = asyncio.run(scenario(embedder))
+        assert embedder.batch_sizes == {1: 1, 2: 1}  # the lone one alone, then the two together
+    np.testing.assert_allclose(rows, one_by_one(bundle_dir, faces)[:3], atol=1e-5)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until ``condition()`` holds (the worker runs on its own thread meanwhile)."""
+    for _ in range(1_000_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
 
 
 def test_multi_image_jobs_are_never_split_and_big_ones_are_chunked(bundle_dir: Path, faces: torch.Tensor) -> None:
@@ -207,11 +224,7 @@ def test_one_failing_job_fails_alone_and_its_batch_mates_succeed(bundle_dir: Pat
 
 
 async def until_queued(embedder: Embedder, rows: int) -> None:
-    for _ in range(100_000):
-        if embedder.queue_depth == rows:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"queue depth stayed {embedder.queue_depth}, expected {rows}")
+    await until(lambda: embedder.queue_depth == rows)
 
 
 def test_a_full_queue_refuses_with_503(bundle_dir: Path, faces: torch.Tensor) -> None:
