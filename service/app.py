@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.embedder import Embedder
-from service.errors import envelope, install_error_handlers
+from service.errors import CatchAllMiddleware, envelope, install_error_handlers
 from service.gallery import Gallery, GalleryError, IndexParams
 from service.images import configure_pillow
 from service.metrics import Metrics, MetricsMiddleware
@@ -325,6 +325,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(CatchAllMiddleware)  # outside the body limit, inside the metrics: a 500 is counted
     app.add_middleware(MetricsMiddleware, metrics=app.state.service.metrics)
     app.add_middleware(QuietStartupFailure, owner=app)
     return app

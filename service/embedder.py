@@ -9,6 +9,11 @@ forward passes at once.
 Waiting for company costs latency, so the worker waits (at most ``max_wait_ms``) only for requests that
 have announced themselves (:meth:`Embedder.announce`: they are still decoding their uploads). A lone
 request is run at once; under load, batches fill with the requests that were on their way.
+
+Backpressure: a caller may bound the queue (``queue_limit`` rows: a full queue refuses with 503
+``overloaded``) and give a deadline; a job whose deadline has passed is dropped before its forward pass
+rather than computed for nobody. A batch whose forward pass fails is retried job by job, so one bad job
+fails alone instead of failing every request that happened to share its batch.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from service.errors import NotReady
+from service.errors import NotReady, Overloaded
 from service.images import decode_image
 from training.bundle import Bundle
 
@@ -44,6 +49,16 @@ class _Job:
     batch: torch.Tensor
     future: asyncio.Future[np.ndarray] | concurrent.futures.Future[np.ndarray]
     loop: asyncio.AbstractEventLoop | None
+    deadline: float | None = None  # the embedder's clock time after which nobody wants the result
+
+    @property
+    def rows(self) -> int:
+        return int(self.batch.shape[0])
+
+    @property
+    def abandoned(self) -> bool:
+        """The caller stopped waiting (client gone, deadline passed on its side)."""
+        return self.future.cancelled()
 
     def settle(self, result: np.ndarray | None, error: BaseException | None) -> None:
         if self.loop is None:
@@ -94,6 +109,7 @@ class Embedder:
         max_wait_ms: float = 5.0,
         threads: int | None = None,
         on_batch: BatchHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -102,6 +118,7 @@ class Embedder:
         self.max_wait = max_wait_ms / 1000.0
         self.threads = threads
         self.on_batch = on_batch
+        self.clock = clock
         self.forward_passes = 0
         self.batch_sizes: Counter[int] = Counter()
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -164,12 +181,28 @@ class Embedder:
         if idle and nudge:
             self._queue.put(_NUDGE)
 
-    async def embed(self, batch: torch.Tensor, arrival: Arrival | None = None) -> np.ndarray:
-        """Embed a preprocessed N×C×H×W batch; awaits this request's N rows."""
+    async def embed(
+        self,
+        batch: torch.Tensor,
+        arrival: Arrival | None = None,
+        deadline: float | None = None,
+        queue_limit: int | None = None,
+    ) -> np.ndarray:
+        """Embed a preprocessed N×C×H×W batch; awaits this request's N rows.
+
+        ``deadline`` (a :attr:`clock` time) bounds the wait: past it the request fails with Overloaded and
+        its job, if still queued, is dropped unrun. ``queue_limit`` refuses the job (Overloaded) when the
+        queue already holds images and this job would take it past that many rows.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._submit(_Job(batch, future, loop), arrival)
-        return await future
+        self._submit(_Job(batch, future, loop, deadline), arrival, queue_limit)
+        if deadline is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, timeout=max(0.0, deadline - self.clock()))
+        except TimeoutError:
+            raise Overloaded("the request's deadline passed while it waited for inference") from None
 
     def embed_sync(self, batch: torch.Tensor) -> np.ndarray:
         """Blocking variant for code outside an event loop (re-embedding, scripts)."""
@@ -183,7 +216,8 @@ class Embedder:
 
     def embed_bytes(self, blobs: Sequence[bytes], max_bytes: int = 1 << 40, max_pixels: int = 1 << 40) -> np.ndarray:
         """Encoded image files → embeddings (what the gallery's re-embedding and bootstrap scripts need)."""
-        images = [decode_image(blob, f"image[{i}]", max_bytes, max_pixels) for i, blob in enumerate(blobs)]
+        preprocess = self.bundle.preprocess
+        images = [decode_image(blob, f"image[{i}]", max_bytes, max_pixels, preprocess) for i, blob in enumerate(blobs)]
         return self.embed_images(images)
 
     def warmup(self) -> None:
@@ -192,13 +226,16 @@ class Embedder:
         for size in sorted({1, self.max_batch}):
             self.embed_sync(torch.zeros(size, spec.channels, spec.height, spec.width))
 
-    def _submit(self, job: _Job, arrival: Arrival | None = None) -> None:
+    def _submit(self, job: _Job, arrival: Arrival | None = None, queue_limit: int | None = None) -> None:
         if self._stopped or self._thread is None:
             raise NotReady("the inference worker is not running")
         if job.batch.ndim != 4 or job.batch.shape[0] == 0:
             raise ValueError(f"expected a non-empty N×C×H×W batch, got shape {tuple(job.batch.shape)}")
         with self._lock:  # the job itself wakes the worker: no nudge, no extra thread switch
-            self._queued_rows += job.batch.shape[0]
+            waiting = self._queued_rows
+            if queue_limit is not None and waiting > 0 and waiting + job.rows > queue_limit:
+                raise Overloaded(f"the inference queue is full ({waiting} images waiting, limit {queue_limit})")
+            self._queued_rows += job.rows
             if arrival is not None and arrival.open:
                 arrival.open = False
                 self._arriving -= 1
@@ -244,21 +281,46 @@ class Embedder:
         return jobs, None
 
     def _process(self, jobs: list[_Job]) -> None:
-        rows = sum(job.batch.shape[0] for job in jobs)
         with self._lock:
-            self._queued_rows -= rows
+            self._queued_rows -= sum(job.rows for job in jobs)
+        jobs = self._drop_expired(jobs)
+        if not jobs:
+            return
         try:
             embeddings = self._forward(torch.cat([job.batch for job in jobs]))
         except Exception as error:
-            logger.exception("forward pass failed for %d images", rows)
+            if len(jobs) == 1:
+                logger.exception("forward pass failed for %d images", jobs[0].rows)
+                jobs[0].settle(None, error)
+                return
+            logger.warning("forward pass of %d jobs failed (%s): retrying them one by one", len(jobs), error)
             for job in jobs:
-                job.settle(None, error)
+                self._process_alone(job)
             return
         offset = 0
         for job in jobs:
-            count = job.batch.shape[0]
-            job.settle(embeddings[offset : offset + count], None)
-            offset += count
+            job.settle(embeddings[offset : offset + job.rows], None)
+            offset += job.rows
+
+    def _process_alone(self, job: _Job) -> None:
+        try:
+            job.settle(self._forward(job.batch), None)
+        except Exception as error:
+            logger.exception("forward pass failed for %d images", job.rows)
+            job.settle(None, error)
+
+    def _drop_expired(self, jobs: list[_Job]) -> list[_Job]:
+        """Jobs still worth a forward pass; the others are settled (or, if abandoned, just forgotten)."""
+        now = self.clock()
+        live = []
+        for job in jobs:
+            if job.abandoned:
+                continue
+            if job.deadline is not None and now >= job.deadline:
+                job.settle(None, Overloaded("the request's deadline passed before its forward pass"))
+                continue
+            live.append(job)
+        return live
 
     @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> np.ndarray:

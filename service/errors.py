@@ -1,7 +1,8 @@
 """Typed service errors and the handlers that turn every failure into ``{"error": {"code", "message"}}``.
 
 Bad input never surfaces as a 500: validation errors keep the envelope and name the field, and the
-catch-all handler answers a generic message (the details go to the log, never to the client).
+catch-all (:class:`CatchAllMiddleware`, plus a last-resort handler) answers a generic message with
+``Connection: close`` (the details go to the log, never to the client).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.gallery_input import GalleryError
 
@@ -70,6 +72,16 @@ class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
 
+class Overloaded(ServiceError):
+    """Too busy to take this request now (memory budget, full inference queue, or its deadline passed):
+    503 with ``Retry-After``, so that a client backs off instead of hammering."""
+
+    status, code = 503, "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s)))})
+
+
 HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -124,9 +136,46 @@ async def _gallery_error(_: Request, error: Exception) -> JSONResponse:
     return error_response(error.status, error.code, str(error))
 
 
+CLOSE = {"Connection": "close"}
+INTERNAL = envelope("internal_error", "internal server error")
+
+
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal server error")
+    return error_response(500, "internal_error", "internal server error", CLOSE)
+
+
+class CatchAllMiddleware:
+    """Answer any exception the routes let through with the 500 envelope and ``Connection: close``, and
+    swallow it, so that it never reaches uvicorn.
+
+    Starlette's own catch-all handler re-raises after answering; uvicorn then drops the connection
+    without having said so (no ``Connection: close``), and a keep-alive client's next request on it
+    fails. Here the client is told, and uvicorn closes the connection cleanly after the response.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # the status line is out: only closing the connection can signal the failure
+                raise
+            response = JSONResponse(INTERNAL, status_code=500, headers=CLOSE)
+            await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     max_files: int = Field(64, gt=0, description="most files in one request")
     max_body_bytes: int = Field(100 * MB, gt=0, description="largest request body")
 
+    # -- admission control and backpressure: memory and queues bounded by configuration (issue 12) --
+    max_request_pixels: int = Field(
+        1 << 30, gt=0, description="decoded bytes one request may need: Σ width × height × bytes per pixel"
+    )
+    max_inflight_pixels: int = Field(
+        512 * MB, gt=0, description="decoded bytes all requests together may be decoding at once (admission control)"
+    )
+    admission_wait_ms: float = Field(1000.0, ge=0, description="wait for the in-flight budget before 503 overloaded")
+    max_queue: int = Field(256, ge=1, description="most images waiting for inference before 503 overloaded")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline for decoding + inference; then 503 overloaded")
+
     max_batch: int = Field(32, ge=1, description="most images per forward pass (1 disables batching)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first queued request waits for company")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = cores - 1 (at least 1)")

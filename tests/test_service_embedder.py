@@ -8,6 +8,8 @@ import contextlib
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 from conftest import ROOT, orl_bytes, orl_image, service_client
 
 from service.embedder import Embedder
-from service.errors import NotReady
+from service.errors import NotReady, Overloaded
 from training.bundle import load_bundle
 
 
@@ -53,18 +55,34 @@ def test_concurrent_requests_share_forward_passes(bundle_dir: Path, faces: torch
 
 
 def test_a_lone_request_does_not_wait_but_an_announced_one_is_waited_for(bundle_dir: Path, faces: torch.Tensor) -> None:
-    async def scenario(embedder: Embedder) -> tuple[bool, np.ndarray]:
+    """No sleeps: a job taken off the queue while another request is announced must still be open to
+    company — a job submitted after the worker took the first one joins its batch — and the batch leaves
+    as soon as the announced request gives up."""
+
+    async def scenario(embedder: Embedder) -> np.ndarray:
         alone = await asyncio.wait_for(embedder.embed(faces[:1]), 60)  # max_wait is 10 minutes
         with embedder.announce():  # a request still decoding, which will fail and never submit
-            waiting = asyncio.create_task(embedder.embed(faces[1:2]))
-            await asyncio.sleep(0.3)
-            held_back = not waiting.done()
-        return held_back, np.concatenate([alone, await asyncio.wait_for(waiting, 60)])
+            first = asyncio.create_task(embedder.embed(faces[1:2]))
+            await until(lambda: embedder._queue.qsize() == 0 and embedder.queue_depth == 1)  # taken, not run
+            second = asyncio.create_task(embedder.embed(faces[2:3]))
+            await until(lambda: embedder._queue.qsize() == 0 and embedder.queue_depth == 2)  # joined it
+            assert not first.done()
+        rows = await asyncio.wait_for(asyncio.gather(first, second), 60)  # the give-up ends the wait
+        return np.concatenate([alone, *rows])
 
     with Embedder(load_bundle(bundle_dir), max_batch=8, max_wait_ms=600_000, threads=1) as embedder:
-        held_back, rows = asyncio.run(scenario(embedder))
-    assert held_back
-    np.testing.assert_allclose(rows, one_by_one(bundle_dir, faces)[:2], atol=1e-5)
+        rows = asyncio.run(scenario(embedder))
+        assert embedder.batch_sizes == {1: 1, 2: 1}  # the lone one alone, then the two together
+    np.testing.assert_allclose(rows, one_by_one(bundle_dir, faces)[:3], atol=1e-5)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until ``condition()`` holds (the worker runs on its own thread meanwhile)."""
+    for _ in range(1_000_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
 
 
 def test_multi_image_jobs_are_never_split_and_big_ones_are_chunked(bundle_dir: Path, faces: torch.Tensor) -> None:
@@ -153,3 +171,100 @@ def test_torch_and_faiss_together_neither_crash_nor_deadlock(imports: str) -> No
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["ok", "2", "2"]
+
+
+# -- backpressure: bounded queue, deadlines, one bad job fails alone ----------------------------------------
+class GatedModel(torch.nn.Module):
+    """Wraps the bundle's model: the first forward pass blocks until ``release`` (so that the test decides
+    what is queued behind it), and any batch holding a row marked with POISON raises."""
+
+    POISON = 1234.0
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.started, self.release = threading.Event(), threading.Event()
+        self.batches: list[int] = []
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        self.started.set()
+        assert self.release.wait(60), "the test never released the worker"
+        self.batches.append(batch.shape[0])
+        if (batch == self.POISON).flatten(1).all(dim=1).any():
+            raise RuntimeError("poisoned row")
+        return self.model(batch)
+
+
+def gated_embedder(bundle_dir: Path, **options: object) -> tuple[Embedder, GatedModel]:
+    bundle = load_bundle(bundle_dir)
+    gate = GatedModel(bundle.model)
+    bundle.model = gate
+    return Embedder(bundle, threads=1, **options), gate  # type: ignore[arg-type]
+
+
+def test_one_failing_job_fails_alone_and_its_batch_mates_succeed(bundle_dir: Path, faces: torch.Tensor) -> None:
+    reference = one_by_one(bundle_dir, faces)[:4]
+    poison = torch.full_like(faces[:1], GatedModel.POISON)
+
+    async def scenario(embedder: Embedder, gate: GatedModel) -> list[object]:
+        first = asyncio.create_task(embedder.embed(faces[:1]))
+        await asyncio.to_thread(gate.started.wait, 60)  # the worker is busy: the next jobs queue up together
+        queued = [embedder.embed(faces[1:3]), embedder.embed(poison), embedder.embed(faces[3:4])]
+        tasks = [asyncio.create_task(job) for job in queued]
+        await until_queued(embedder, 4)
+        gate.release.set()
+        return [await first, *await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)]
+
+    embedder, gate = gated_embedder(bundle_dir, max_batch=8, max_wait_ms=0)
+    with embedder:
+        first, pair, failed, last = asyncio.run(scenario(embedder, gate))
+    assert gate.batches == [1, 4, 2, 1, 1]  # the batch of 4 failed, then each job ran alone
+    assert isinstance(failed, RuntimeError) and "poisoned" in str(failed)
+    np.testing.assert_allclose(np.concatenate([first, pair, last]), reference, atol=1e-5)  # type: ignore[list-item]
+
+
+async def until_queued(embedder: Embedder, rows: int) -> None:
+    await until(lambda: embedder.queue_depth == rows)
+
+
+def test_a_full_queue_refuses_with_503(bundle_dir: Path, faces: torch.Tensor) -> None:
+    async def scenario(embedder: Embedder, gate: GatedModel) -> None:
+        first = asyncio.create_task(embedder.embed(faces[:1]))
+        await asyncio.to_thread(gate.started.wait, 60)
+        waiting = asyncio.create_task(embedder.embed(faces[1:4], queue_limit=4))  # 3 rows: fits
+        await until_queued(embedder, 3)
+        with pytest.raises(Overloaded, match="inference queue is full \\(3 images waiting, limit 4\\)") as refused:
+            await embedder.embed(faces[4:6], queue_limit=4)  # 3 + 2 > 4
+        assert refused.value.headers == {"Retry-After": "1"}
+        assert embedder.queue_depth == 3  # the refused job was not counted
+        gate.release.set()
+        await asyncio.gather(first, waiting)
+        big = await embedder.embed(faces[:6], queue_limit=4)  # an empty queue takes one job of any size
+        assert big.shape[0] == 6
+
+    embedder, gate = gated_embedder(bundle_dir, max_batch=8, max_wait_ms=0)
+    with embedder:
+        asyncio.run(scenario(embedder, gate))
+
+
+def test_a_job_past_its_deadline_is_dropped_before_its_forward(bundle_dir: Path, faces: torch.Tensor) -> None:
+    now = [0.0]
+
+    async def scenario(embedder: Embedder, gate: GatedModel) -> None:
+        first = asyncio.create_task(embedder.embed(faces[:1]))
+        await asyncio.to_thread(gate.started.wait, 60)
+        late = asyncio.create_task(embedder.embed(faces[1:3], deadline=50.0))  # real wait bound: 50 s
+        on_time = asyncio.create_task(embedder.embed(faces[3:4], deadline=500.0))
+        await until_queued(embedder, 3)
+        now[0] = 100.0  # the clock passes the first deadline while the worker is busy
+        gate.release.set()
+        with pytest.raises(Overloaded, match="deadline passed before its forward pass"):
+            await late
+        assert (await on_time).shape == (1, embedder.bundle.feat_dim)
+        await first
+
+    embedder, gate = gated_embedder(bundle_dir, max_batch=8, max_wait_ms=0, clock=lambda: now[0])
+    with embedder:
+        asyncio.run(scenario(embedder, gate))
+    assert gate.batches == [1, 1]  # the late job's two rows never reached the model
+    assert embedder.queue_depth == 0

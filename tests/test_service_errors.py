@@ -5,14 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
-from conftest import encode, orl_bytes, orl_image, png_header_only, service_client, service_settings
+from conftest import (
+    encode,
+    free_port,
+    orl_bytes,
+    orl_image,
+    png_header_only,
+    service_client,
+    service_settings,
+    wait_ready,
+)
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -231,3 +244,131 @@ def test_body_limit_counts_streamed_bytes_even_when_the_header_lies() -> None:
     assert refused[0]["status"] == 413 and b"too_large" in refused[1]["body"] and not reached
     allowed = asyncio.run(run([b"x" * 50] * 2))
     assert allowed[0]["status"] == 200 and reached == [b"x" * 100]
+
+
+# -- hardening: every image mode, budgets, and what a 500 looks like ---------------------------------------
+def test_every_savable_image_mode_is_answered_200_or_a_clean_4xx(client: TestClient) -> None:
+    from test_service_images import saved_in_every_mode
+
+    samples = saved_in_every_mode()
+    failures = {}
+    for name, data in samples.items():
+        response = client.post("/embed", files={"files": (name, data)})
+        if response.status_code != 200:
+            failures[name] = (response.status_code, response.text)
+    assert {"LAB.tiff", "CMYK.tiff", "F.tiff", "I;16.png", "PA.tiff", "1.bmp"} <= set(samples)
+    assert not failures, failures  # all of them decode: none is refused, none is a 500
+    assert 'status="500"' not in client.get("/metrics").text
+
+
+def test_a_request_over_its_decode_budget_is_413_naming_the_fields(bundle_dir: Path, tmp_path: Path) -> None:
+    png = encode(Image.new("RGBA", (100, 100)), "PNG")  # 100 × 100 × 8 working bytes = 80 000 each
+    with service_client(bundle_dir, tmp_path, max_request_pixels=150_000) as client:
+        assert client.post("/embed", files=[("files", png)]).status_code == 200
+        response = client.post("/embed", files=[("files", png), ("files", png)])
+        assert_error(response, 413, "too_large", "files:", "160000 bytes", "limit of 150000", "files[0]")
+        response = client.post("/verify", files={"image_a": png, "image_b": png})
+        assert_error(response, 413, "too_large", "image_a, image_b:")
+
+
+def hold_budget(gate: Any, cost: int, release: threading.Event) -> tuple[threading.Thread, threading.Event]:
+    """Hold ``cost`` of the in-flight budget from another thread (another event loop) until ``release``."""
+    held = threading.Event()
+
+    def run() -> None:
+        async def hold() -> None:
+            async with gate.reserve(cost, "someone else"):
+                held.set()
+                await asyncio.to_thread(release.wait, 60)
+
+        asyncio.run(hold())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert held.wait(60)
+    return thread, held
+
+
+def test_a_spent_inflight_budget_is_503_with_retry_after_then_recovers(bundle_dir: Path, tmp_path: Path) -> None:
+    with service_client(bundle_dir, tmp_path, admission_wait_ms=0) as client:
+        gate = client.app.state.service.admission
+        release = threading.Event()
+        thread, _ = hold_budget(gate, gate.capacity, release)
+        response = client.post("/identify", files={"image": orl_bytes(1, 1)}, data={"mode": "centers"})
+        assert_error(response, 503, "overloaded", "image:", "busy")
+        assert response.headers["retry-after"] == "1"
+        release.set()
+        thread.join(60)
+        assert client.post("/identify", files={"image": orl_bytes(1, 1)}, data={"mode": "centers"}).status_code == 200
+        assert gate.in_use == 0
+
+
+def test_a_request_waits_for_the_budget_rather_than_failing(bundle_dir: Path, tmp_path: Path) -> None:
+    with service_client(bundle_dir, tmp_path, admission_wait_ms=600_000) as client:
+        gate = client.app.state.service.admission
+        release = threading.Event()
+        thread, _ = hold_budget(gate, gate.capacity, release)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(client.post, "/embed", files={"files": orl_bytes(2, 2)})
+            deadline = time.monotonic() + 60
+            while gate.waiting == 0 and time.monotonic() < deadline:  # poll the gate, not the clock
+                time.sleep(0.01)
+            assert gate.waiting == 1 and not pending.done()
+            release.set()
+            assert pending.result(60).status_code == 200
+        thread.join(60)
+
+
+def boom_app(bundle_dir: Path, data_dir: Path) -> Any:
+    """The real app plus one route that raises, registered only here."""
+    app = create_app(service_settings(bundle_dir, data_dir))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError(f"disk on fire at {data_dir}/secret.sqlite3")
+
+    return app
+
+
+def test_a_500_answers_the_envelope_with_connection_close(bundle_dir: Path, tmp_path: Path) -> None:
+    with TestClient(boom_app(bundle_dir, tmp_path), raise_server_exceptions=True) as client:
+        response = client.get("/boom")  # raise_server_exceptions: nothing escapes the app
+        assert_error(response, 500, "internal_error", "internal server error")
+        assert response.headers["connection"] == "close"
+        assert str(tmp_path) not in response.text
+        assert 'status="500"' in client.get("/metrics").text  # still counted
+
+
+def test_after_a_500_the_keep_alive_client_carries_on(bundle_dir: Path, tmp_path: Path) -> None:
+    """Under a real uvicorn: the 500 says ``Connection: close``, uvicorn closes cleanly, and the client's
+    next request (same httpx client) succeeds on a fresh connection, many times over."""
+    import uvicorn
+
+    app = boom_app(bundle_dir, tmp_path)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            wait_ready(lambda: http.get("/ready").status_code)
+            for _ in range(20):
+                failed = http.get("/boom")
+                assert failed.status_code == 500 and failed.headers["connection"] == "close"
+                assert failed.json()["error"]["code"] == "internal_error"
+                assert http.post("/embed", files={"files": orl_bytes(3, 3)}).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def test_a_request_past_its_deadline_is_503_overloaded(bundle_dir: Path, tmp_path: Path) -> None:
+    with service_client(bundle_dir, tmp_path, request_timeout_s=1e-9) as client:  # due before inference
+        response = client.post("/embed", files={"files": orl_bytes(4, 4)})
+        assert_error(response, 503, "overloaded", "deadline")
+        assert response.headers["retry-after"] == "1"
+        embedder = client.app.state.service.embedder
+        deadline = time.monotonic() + 60
+        while embedder.queue_depth and time.monotonic() < deadline:  # the abandoned job is dropped unrun
+            time.sleep(0.01)
+        assert embedder.queue_depth == 0

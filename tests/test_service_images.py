@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import encode, orl_file, png_header_only
 from PIL import Image
 
 from service.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from service.images import configure_pillow, decode_image
+from service.images import configure_pillow, decode_image, reason
+from training.bundle import load_bundle
+from training.preprocess import to_mode
 
 LIMITS = {"max_bytes": 10 << 20, "max_pixels": 40_000_000}
 
@@ -115,3 +120,72 @@ def test_exotic_modes_decode() -> None:
     for name, data in samples.items():
         image = decode(data)
         assert image.size == face().size, name
+
+
+# -- robustness: every mode, BigTIFF, clean messages --------------------------------------------------------
+ALL_MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I",
+             "I;16", "I;16B", "I;16L", "I;16N", "F"]  # fmt: skip
+ACCEPTED_FORMATS = ["JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "PPM"]
+
+
+def saved_in_every_mode() -> dict[str, bytes]:
+    """A face in every Pillow mode, saved in every accepted format Pillow can write that mode to."""
+    samples = {}
+    for mode in ALL_MODES:
+        image = face().convert("RGB").convert(mode) if mode not in ("La", "RGBa", "I;16B", "I;16L", "I;16N") else None
+        if image is None:
+            image = Image.new(mode, face().size)
+        for fmt in ACCEPTED_FORMATS:
+            buffer = io.BytesIO()
+            try:
+                image.save(buffer, format=fmt)
+            except (OSError, ValueError, KeyError):
+                continue  # Pillow cannot write this mode in this format: nobody can upload it either
+            samples[f"{mode}.{fmt.lower()}"] = buffer.getvalue()
+    return samples
+
+
+def test_every_savable_mode_decodes_and_preprocesses(bundle_dir: Path) -> None:
+    preprocess = load_bundle(bundle_dir).preprocess
+    samples = saved_in_every_mode()
+    assert {"LAB.tiff", "CMYK.tiff", "YCbCr.tiff", "I;16.png", "F.tiff", "1.png", "PA.tiff"} <= set(samples)
+    for name, data in samples.items():
+        tensor = preprocess(decode_image(data, name, **LIMITS, preprocess=preprocess))
+        assert tensor.shape == (preprocess.spec.channels, preprocess.spec.height, preprocess.spec.width), name
+        assert torch.isfinite(tensor).all(), name
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("target", ["L", "RGB"])
+def test_to_mode_handles_every_pillow_mode(mode: str, target: str) -> None:
+    converted = to_mode(Image.new(mode, (9, 7)), target)
+    assert converted.mode == target and converted.size == (9, 7)
+
+
+def test_lab_converts_through_its_colorimetric_rgb() -> None:
+    lab = face().convert("RGB").convert("LAB")
+    expected = np.asarray(lab.convert("RGB").convert("L"))
+    np.testing.assert_array_equal(np.asarray(to_mode(lab, "L")), expected)
+    assert np.abs(expected.astype(int) - np.asarray(face(), dtype=int)).mean() < 2  # and it is the face
+
+
+def test_little_endian_bigtiff_is_accepted_and_big_endian_is_refused_by_name() -> None:
+    buffer = io.BytesIO()
+    face().save(buffer, format="TIFF", big_tiff=True)
+    data = buffer.getvalue()
+    assert data[:4] == b"II+\x00" and struct.unpack("<HHQ", data[4:16]) == (8, 0, 16)  # a real BigTIFF header
+    np.testing.assert_array_equal(np.asarray(decode(data)), np.asarray(face()))
+    with pytest.raises(UnsupportedMediaType, match="image: big-endian BigTIFF is not supported"):
+        decode(b"MM\x00+" + data[4:])  # Pillow 13 cannot read these: refused by name, not "not an image"
+
+
+def test_error_messages_carry_no_python_reprs() -> None:
+    for data in (b"BM" + b"\x00" * 60, b"II*\x00" + b"\xff" * 40, b"GIF89a" + b"\x01" * 20):
+        with pytest.raises(BadImage) as caught:
+            decode(data, "image")
+        message = caught.value.message
+        assert message.startswith("image: ") and "0x" not in message and "object at" not in message, message
+    assert reason(OSError("cannot identify image file <_io.BytesIO object at 0x7f3a2c>")) == (
+        "cannot identify image file"
+    )
+    assert reason(ValueError("")) == "ValueError"

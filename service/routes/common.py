@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from service.admission import AdmissionGate
 from service.embedder import Embedder
 from service.errors import Forbidden, NotReady, PayloadTooLarge, Unauthorized
 from service.gallery import Gallery
-from service.images import decode_image
+from service.images import PendingImage, load_for_model, open_upload
 from service.metrics import Metrics
 from service.operating_point import OperatingPoint
 from service.settings import Settings
@@ -39,6 +39,10 @@ class ServiceState:
     ready: bool = False
     status: str = "starting"
     extras: dict[str, object] = field(default_factory=dict)
+    admission: AdmissionGate = field(init=False)  # the global in-flight decode budget
+
+    def __post_init__(self) -> None:
+        self.admission = AdmissionGate(self.settings.max_inflight_pixels, self.settings.admission_wait_ms / 1000.0)
 
     @property
     def model_name(self) -> str:
@@ -131,8 +135,16 @@ class Uploads:
     batch: torch.Tensor  # preprocessed N×C×H×W
 
 
-async def read_uploads(files: list[UploadFile], names: list[str], state: ServiceState) -> Uploads:
-    """Read, decode and preprocess uploads; decoding and preprocessing run in the threadpool."""
+async def read_uploads(
+    files: list[UploadFile], names: list[str], state: ServiceState, deadline: float | None = None
+) -> Uploads:
+    """Read, decode and preprocess uploads; decoding and preprocessing run in the threadpool.
+
+    Every header is read and checked first, and the request's decode cost charged against
+    CENTERID_MAX_REQUEST_PIXELS (413) before any pixel is decoded. Each image is then decoded only once
+    the global in-flight budget admits it (or 503 ``overloaded``), straight to the network's small input,
+    and its share is returned: a request holds at most one full-size image at a time.
+    """
     settings = state.settings
     if len(files) > settings.max_files:
         raise PayloadTooLarge(f"{len(files)} files in one request; the limit is {settings.max_files}")
@@ -144,23 +156,45 @@ async def read_uploads(files: list[UploadFile], names: list[str], state: Service
     assert state.bundle is not None
     preprocess = state.bundle.preprocess
 
-    def decode_all() -> torch.Tensor:
-        images: list[Image.Image] = [
-            decode_image(blob, name, settings.max_file_bytes, settings.max_pixels)
+    def open_all() -> list[PendingImage]:
+        return [
+            open_upload(blob, name, settings.max_file_bytes, settings.max_pixels, preprocess)
             for blob, name in zip(blobs, names, strict=True)
         ]
-        return preprocess.batch(images)
 
-    return Uploads(blobs, await run_in_threadpool(decode_all))
+    pending = await run_in_threadpool(open_all)
+    check_request_budget(pending, settings.max_request_pixels)
+    tensors = []
+    for upload in pending:
+        async with state.admission.reserve(upload.cost, upload.field, deadline):
+            image = await run_in_threadpool(load_for_model, upload, preprocess)
+        tensors.append(preprocess.to_tensor(image))
+    return Uploads(blobs, torch.stack(tensors))
+
+
+def check_request_budget(pending: list[PendingImage], limit: int) -> None:
+    """413 when the request's images together would need more decoded bytes than one request may."""
+    total = sum(upload.cost for upload in pending)
+    if total <= limit:
+        return
+    largest = max(pending, key=lambda upload: upload.cost)
+    fields = ", ".join(dict.fromkeys(upload.field.split("[")[0] for upload in pending))
+    raise PayloadTooLarge(
+        f"{fields}: decoding {len(pending)} image(s) needs {total} bytes, over the per-request limit of {limit} "
+        f"(largest: {largest.field}, {largest.cost} bytes)"
+    )
 
 
 async def embed_uploads(files: list[UploadFile], names: list[str], state: ServiceState) -> tuple[Uploads, np.ndarray]:
     """Decode, preprocess and embed uploads; the inference worker knows they are coming while they decode."""
     embedder = state.embedder
     assert embedder is not None
+    settings = state.settings
+    deadline = embedder.clock() + settings.request_timeout_s
     with embedder.announce() as arrival:
-        uploads = await read_uploads(files, names, state)
-        return uploads, await embedder.embed(uploads.batch, arrival)
+        uploads = await read_uploads(files, names, state, deadline)
+        vectors = await embedder.embed(uploads.batch, arrival, deadline=deadline, queue_limit=settings.max_queue)
+        return uploads, vectors
 
 
 def field_names(field: str, count: int) -> list[str]:
