@@ -107,10 +107,11 @@ def test_page_and_its_assets_are_local_and_public(keyed: TestClient) -> None:
     assert "default-src 'self'" in policy and "connect-src 'self'" in policy
     urls = re.findall(r'(?:src|href)="([^"#]+)"', page.text)
     assert set(urls) == {"static/style.css", "static/app.js", "docs", "redoc"}
-    for name in ("app.js", "style.css"):
+    for name in ("app.js", "api.js", "style.css"):
         served = keyed.get(f"/static/{name}")
         assert served.status_code == 200 and served.content == (WEB / name).read_bytes()
-    for text in (WEB / name for name in ("index.html", "app.js", "style.css")):
+    assert 'from "./api.js"' in (WEB / "app.js").read_text()
+    for text in (WEB / name for name in ("index.html", "app.js", "api.js", "style.css")):
         assert not re.search(r"https?://|//[a-z]", text.read_text().replace("https?://", "")), text
     assert keyed.get("/static/index.html").status_code == 404
     assert keyed.get("/static/..%2F..%2Fsettings.py").status_code == 404

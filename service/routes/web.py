@@ -18,7 +18,7 @@ from service.errors import NotFound
 router = APIRouter(include_in_schema=False)
 
 WEB = Path(str(files("service") / "web"))
-STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+STATIC_FILES = {"app.js": "text/javascript", "api.js": "text/javascript", "style.css": "text/css"}
 POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
