@@ -190,6 +190,12 @@ def test_enroll_identify_unknown_verify_delete_through_the_page(
     screenshot(page.locator("#identify"), "identify.png")
     result.locator(".raw summary").click()
     assert f'"identity": "{person}"' in result.locator(".raw pre").inner_text()
+    page.select_option("#identify-mode", "centers")  # closed set: the training identities' centers
+    identify_in_page(page, probe)
+    expect(result.locator(".hint").first).to_contain_text("mode centers")
+    assert set(result.locator(".matches .label").all_text_contents()) <= set(faces.train)
+    assert "-F mode=centers" in result.locator(".curl").inner_text()
+    page.select_option("#identify-mode", "gallery")
 
     # a stranger: below the threshold, a clear unknown badge
     unknown = next(as_png(stranger, i) for i in range(1, 11) if api_identity(server, as_png(stranger, i)) is None)
