@@ -8,6 +8,7 @@ never downloads a browser. Without Chromium these tests are skipped with the rea
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -288,3 +289,31 @@ def test_keyed_service_page_and_docs_take_the_key(page: Any, keyed_server: Serve
     status = operation.locator(".live-responses-table .response .response-col_status").first
     status.wait_for()
     assert status.inner_text().strip() == "200"
+
+
+def test_face_boxes_are_drawn_where_the_answer_puts_them(page: Any, server: Server, as_png: Any, faces: Faces) -> None:
+    """The page draws whatever faces an answer carries (a detector adds them), in either box shape, scaled to
+    the preview; the answer is stubbed here because the demo model has no detector."""
+    image = as_png(faces.holdout[3], 1)  # ORL images are 92 × 112
+    answer = {
+        "identity": None,
+        "matches": [],
+        "threshold": 0.5,
+        "mode": "gallery",
+        "model": "stub",
+        "faces": [{"box": [23, 28, 69, 84]}, {"box": {"x": 0, "y": 0, "width": 46, "height": 56}}],
+    }
+    page.route(
+        "**/identify", lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(answer))
+    )
+    page.goto(server.url + "/")
+    identify_in_page(page, image)
+    boxes = page.locator("#identify-result .frame .box")
+    frame = page.locator("#identify-result .frame img")
+    boxes.nth(1).wait_for()
+    shown = frame.bounding_box()
+    first, second = boxes.nth(0).bounding_box(), boxes.nth(1).bounding_box()
+    scale = shown["width"] / 92
+    assert first["x"] - shown["x"] == pytest.approx(23 * scale, abs=2)
+    assert first["width"] == pytest.approx(46 * scale, abs=3) and first["height"] == pytest.approx(56 * scale, abs=3)
+    assert second["x"] == pytest.approx(shown["x"], abs=2) and second["width"] == pytest.approx(46 * scale, abs=3)
