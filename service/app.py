@@ -28,8 +28,9 @@ from service.errors import CatchAllMiddleware, envelope, install_error_handlers
 from service.gallery import Gallery, GalleryError, IndexParams
 from service.images import configure_pillow
 from service.metrics import Metrics, MetricsMiddleware
+from service.openapi import install_truthful_openapi
 from service.operating_point import MODES, NO_STRANGERS, OperatingPoint
-from service.routes import ROUTERS
+from service.routes import ROUTERS, docs, web
 from service.routes.common import ServiceState
 from service.routes.system import service_version
 from service.settings import Settings
@@ -318,12 +319,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
     configure_pillow(settings.max_pixels)
-    app = FastAPI(title="centerid", version=service_version(), description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="centerid",
+        version=service_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # /docs, /redoc and /openapi.json: service/routes/docs.py (local assets, guarded)
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.service = ServiceState(settings=settings, metrics=Metrics())
     app.state.startup_error = None
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(docs.router)
+    app.include_router(web.router)
+    install_truthful_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(CatchAllMiddleware)  # outside the body limit, inside the metrics: a 500 is counted
     app.add_middleware(MetricsMiddleware, metrics=app.state.service.metrics)

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="comma-separated API keys; empty = no authentication")
     admin_keys: str = Field("", description="comma-separated keys required for gallery writes; empty = any API key")
     metrics_public: bool = Field(True, description="serve /metrics without a key")
+    docs_public: bool = Field(
+        False, description="serve /docs, /redoc and /openapi.json without a key even when API keys are configured"
+    )
 
     max_file_bytes: int = Field(10 * MB, gt=0, description="largest accepted upload, per file")
     max_pixels: int = Field(40_000_000, gt=0, description="largest accepted image, width × height")

@@ -112,5 +112,6 @@ def test_admin_keys_alone_guard_writes_only(bundle_dir: Path, tmp_path: Path) ->
 
 
 def test_openapi_declares_both_schemes(keyed: TestClient) -> None:
-    schemes = keyed.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert keyed.get("/openapi.json").status_code == 401  # the schema is guarded like the API (tests/test_web.py)
+    schemes = keyed.get("/openapi.json", headers=api_key(READ_KEY)).json()["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} == {"http", "apiKey"}
