@@ -26,6 +26,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Center-loss op", "docs/benchmarks_center_loss.md", ("bench/results/raw/center_loss_op.md",)),
     ("Serving and gallery", "docs/benchmarks_service.md",
      ("bench/results/raw/serve_load.json", "bench/results/raw/gallery_scale.json")),
+    ("Open-set error rates (glyphs)", "docs/benchmarks_open_set.md", ()),  # its tables are in the doc itself
 )  # fmt: skip
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 
