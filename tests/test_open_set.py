@@ -56,7 +56,7 @@ def test_rates_and_oracle_match_brute_force() -> None:
     assert rates["fpir"]["rate"] == fpir and rates["fnir"]["rate"] == fnir
     assert rates["rank1"]["rate"] == len([s for s in mated if s["top_label"] == "a"]) / 400
     scores = [s["top_score"] for s in strangers]
-    for target in (0.0, 0.01, 0.1, 0.5):
+    for target in (0.0, 0.01, 0.015, 0.1, 0.5):
         threshold = oracle_threshold(scores, target)
         named = [x for x in scores if x >= threshold]
         assert len(named) <= target * len(scores)  # holds the target ...
