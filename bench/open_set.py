@@ -16,7 +16,8 @@ bundle, so neither training nor calibration saw them):
   would have given on the same mated searches.
 
 Every decision is read from the answer (``match``; ``identity`` non-null), and so is the threshold, with
-``threshold_basis`` when the service sends one. Rates carry 95 % Wilson score intervals over searches (or
+``threshold_basis`` when the service sends one (and where it counts ``gallery_identities``, the searches at
+each size wait until it counts the whole gallery: a 1:N threshold refreshed in the background). Rates carry 95 % Wilson score intervals over searches (or
 pairs) with the counts behind them; searches of one identity are not independent, so the intervals are
 optimistic where an identity contributes several. ``/identify`` takes one image per request, so searches
 run as single requests, ``--concurrency`` at a time. Writes ``OUT/open_set_<tag>.json`` and ``.md``.
@@ -251,6 +252,19 @@ async def enroll(client: httpx.AsyncClient, labels: list[str], images: dict[str,
     await bounded([job(label) for label in labels], args.concurrency)
 
 
+async def settled(client: httpx.AsyncClient, probe: Path, size: int, timeout: float) -> float:
+    """Seconds until the answers' ``threshold_basis`` counts ``size`` gallery identities (a service that
+    refreshes its 1:N threshold in the background); 0 at once for one that sends no such count."""
+    started = time.perf_counter()
+    while True:
+        basis = (await search(client, probe, None)()).get("threshold_basis") or {}
+        if basis.get("gallery_identities") in (None, size):
+            return time.perf_counter() - started
+        if time.perf_counter() - started > timeout:
+            raise SystemExit(f"threshold_basis still counts {basis.get('gallery_identities')} identities, not {size}")
+        await asyncio.sleep(0.5)
+
+
 async def measure_gallery(client: httpx.AsyncClient, size: int, work: dict[str, Any], args: Any) -> dict:
     images = work["images"]
     mated = [
@@ -261,6 +275,7 @@ async def measure_gallery(client: httpx.AsyncClient, size: int, work: dict[str, 
     strangers = [
         search(client, path, None) for label in work["strangers"] for path in images[label][: args.stranger_probes]
     ]
+    wait = await settled(client, images[work["strangers"][0]][0], size, args.settle_timeout)
     started = time.perf_counter()
     answers = await bounded(mated + strangers, args.concurrency)
     seconds = time.perf_counter() - started
@@ -277,6 +292,8 @@ async def measure_gallery(client: httpx.AsyncClient, size: int, work: dict[str, 
         "oracle": {"target_fpir": args.target_fpir, "threshold": oracle, "fnir": oracle_fnir(mated_answers, oracle)},
         "oracle_at_measured_fpir": {"threshold": at_measured, "fnir": oracle_fnir(mated_answers, at_measured)},
         "searches_per_s": len(answers) / seconds,
+        "threshold_settled_s": wait,
+        "info": (await client.get("/info")).json(),
     }
 
 
@@ -365,6 +382,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify-pairs", type=int, default=4000, help="different-identity /verify pairs (+1/4 same)")
     p.add_argument("--target-fpir", type=float, default=0.01, help="FPIR the oracle threshold is set for")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--settle-timeout", type=float, default=300, help="s to wait for a refreshed 1:N threshold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="run", help="names the outputs: open_set_<tag>.json / .md")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "raw", help="folder for the JSON and markdown")

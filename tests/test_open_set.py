@@ -24,6 +24,7 @@ from bench.open_set import (  # noqa: E402
     oracle_fnir,
     oracle_threshold,
     search,
+    settled,
     wilson,
 )
 from training.datasets import export_glyphs  # noqa: E402
@@ -90,6 +91,29 @@ def test_search_reads_the_decision_from_either_answer_shape(extra: dict, tmp_pat
     summary = basis_summary([result])
     assert summary["threshold_min"] == summary["threshold_max"] == 0.95
     assert summary["threshold_basis"] == ([extra["threshold_basis"]] if extra else [])
+
+
+def test_searches_wait_for_a_background_threshold_refresh(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    image.write_bytes(b"\x89PNG")
+    counts = iter([3, 3, 5])  # the service's basis catches up with the 5 enrolled identities on the third answer
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        basis = {"kind": "fpir", "gallery_identities": next(counts)}
+        return httpx.Response(200, json={"identity": None, "matches": [], "threshold": 0.9, "threshold_basis": basis})
+
+    async def go(size: int, handler, timeout: float = 60) -> float:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as client:
+            return await settled(client, image, size, timeout)
+
+    assert asyncio.run(go(5, answer)) >= 0 and seen == ["/identify"] * 3
+    today = {"identity": None, "matches": [], "threshold": 0.9}  # no basis: nothing to wait for
+    assert asyncio.run(go(5, lambda request: httpx.Response(200, json=today))) >= 0
+    counts = iter([3] * 1000)
+    with pytest.raises(SystemExit, match="still counts 3 identities, not 5"):
+        asyncio.run(go(5, answer, timeout=0))
 
 
 def test_small_run_through_the_real_service(bundle_dir: Path, tmp_path: Path) -> None:
