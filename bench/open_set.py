@@ -17,10 +17,11 @@ bundle, so neither training nor calibration saw them):
 
 Every decision is read from the answer (``match``; ``identity`` non-null), and so is the threshold, with
 ``threshold_basis`` when the service sends one (and where it counts ``gallery_identities``, the searches at
-each size wait until it counts the whole gallery: a 1:N threshold refreshed in the background). Rates carry 95 % Wilson score intervals over searches (or
-pairs) with the counts behind them; searches of one identity are not independent, so the intervals are
-optimistic where an identity contributes several. ``/identify`` takes one image per request, so searches
-run as single requests, ``--concurrency`` at a time. Writes ``OUT/open_set_<tag>.json`` and ``.md``.
+each size wait until it counts the whole gallery: a 1:N threshold refreshed in the background). Rates
+carry 95 % Wilson score intervals over searches (or pairs) with the counts behind them; searches of one
+identity are not independent, so the intervals are optimistic where an identity contributes several.
+``/identify`` takes one image per request, so searches run as single requests, ``--concurrency`` at a
+time. Writes ``OUT/open_set_<tag>.json`` and ``.md``.
 """
 
 from __future__ import annotations
