@@ -30,6 +30,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Face detection and alignment", "docs/benchmarks_detection.md",
      ("bench/results/raw/detect_cost.json", "bench/results/raw/align_identify.json")),
     ("Training job", "docs/benchmarks_training.md", ()),
+    ("Open-set error rates (glyphs)", "docs/benchmarks_open_set.md", ()),  # its tables are in the doc itself
 )  # fmt: skip
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 

