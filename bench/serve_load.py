@@ -398,11 +398,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {meta['arch']['name']} {meta['arch']['kwargs']}; server torch threads: {threads}", flush=True)
         load_before = os.getloadavg()
         print(f"load average before: {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}", flush=True)
-        ceiling_ips = ceilings(bundle, args.backends, args.max_batch, threads, work / "model-cache")
-        for name, value in ceiling_ips.items():
-            print(f"ceiling {name} (in-process forward, batch {args.max_batch}): {value:.1f} images/s", flush=True)
+        cache = work / "model-cache"
+        before = ceilings(bundle, args.backends, args.max_batch, threads, cache)
+        for name, value in before.items():
+            print(f"ceiling {name} (in-process, batch {args.max_batch}), before: {value:.1f} images/s", flush=True)
         print(HEADER, flush=True)
         levels = measure(bundle, work, args)
+        after = ceilings(bundle, args.backends, args.max_batch, threads, cache)
+        for name, value in after.items():
+            print(f"ceiling {name} (in-process, batch {args.max_batch}), after: {value:.1f} images/s", flush=True)
+        # the goal is judged against the higher of the two: a load spike during one measurement must not
+        # make the server look closer to its ceiling than it is
+        ceiling_ips = {name: max(before[name], after[name]) for name in before}
         load_after = os.getloadavg()
         print(f"load average after: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}", flush=True)
     verdicts = goals(levels, ceiling_ips)
@@ -410,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {
             "ceiling_images_per_s": ceiling_ips,
+            "ceiling_before_after": {"before": before, "after": after},
             "load_average": {"before": load_before, "after": load_after},
             "command": "python -m bench.serve_load " + " ".join(argv if argv is not None else sys.argv[1:]),
             "levels": [asdict(x) for x in levels],
