@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU session: CUDA training with AMP and channels-last (softmax, cosface and arcface heads,
 # each with the default λ·center loss), DDP through torchrun on every GPU,
-# the center-loss op benchmark on CUDA, then the MNIST replication on all of MNIST. Everything it writes
+# the center-loss op benchmark on CUDA, the serving inference ceiling on the GPU (torch fp32/bf16/fp16 and
+# ONNX Runtime's CUDA provider when installed: bench.gpu_infer), then the MNIST replication on all of MNIST. Everything it writes
 # lands in one tarball, $OUT/gpu-check.tar.gz (logs, bench/results JSON, plots, the run's metrics).
 #
 # Here (once):        make gpu-carry      # .gpu/: MNIST idx files gzipped + the ORL export (~17 MB)
@@ -24,9 +25,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CENTERID_MNIST_DIR="$CARRY/mnist"
 
 if [[ ${REHEARSAL:-0} == 1 ]]; then  # same commands, sizes that finish in minutes on 2 CPU cores
-    ORL_EPOCHS=2 MNIST_ARGS=(--quick) OP_ARGS=(--quick)
+    ORL_EPOCHS=2 MNIST_ARGS=(--quick) OP_ARGS=(--quick) INFER_ARGS=(--batches 32 --seconds 0.3 --rounds 2)
 else
     ORL_EPOCHS=20 MNIST_ARGS=(--full --epochs "$MNIST_EPOCHS" --batch-size 64) OP_ARGS=()
+    INFER_ARGS=(--batches 32 256 1024 --seconds 1 --rounds 3)
 fi
 AMP_FLAGS=(--amp --channels-last)
 [[ $DEVICE == cpu ]] && AMP_FLAGS=(--amp)  # channels-last convolutions crashed once in torch's CPU kernels
@@ -59,6 +61,8 @@ step "train DDP ($GPUS processes)" $PY -m torch.distributed.run --standalone --n
 step "train fp32 baseline" $PY -m training "${ORL[@]}" --output "$WORK/orl-fp32"
 step "center-loss op benchmark" $PY -m bench.center_loss_op --device "$DEVICE" "${OP_ARGS[@]}" \
     --markdown "$WORK/center_loss_op_$DEVICE.md"
+step "inference ceiling (serving path)" $PY -m bench.gpu_infer --bundle "$WORK/orl-fp32" --device "$DEVICE" \
+    "${INFER_ARGS[@]}" --cache "$WORK/onnx-cache" --json "$WORK/gpu_infer_$DEVICE.json"
 step "MNIST replication" timeout "$MNIST_SECONDS" $PY -m bench.paper_mnist "${MNIST_ARGS[@]}" --device "$DEVICE"
 
 # the evidence of each training run, without the weights
@@ -66,7 +70,7 @@ for run in orl-amp orl-amp-cosface orl-amp-arcface orl-ddp orl-fp32; do
     mkdir -p "$WORK/keep/$run"
     cp "$WORK/$run"/{bundle.json,metrics.jsonl} "$WORK/keep/$run/" 2>/dev/null
 done
-cp "$WORK"/center_loss_op_*.md "$WORK/keep/" 2>/dev/null
+cp "$WORK"/center_loss_op_*.md "$WORK"/gpu_infer_*.json "$WORK/keep/" 2>/dev/null
 tar -czf "$OUT/gpu-check.tar.gz" --exclude='*.safetensors' --exclude='*.pt' -C "$WORK" keep \
     -C "$PWD" bench/results docs/img .cache/bench/runs/paper_mnist 2>>"$LOG"
 echo "== wrote $OUT/gpu-check.tar.gz" | tee -a "$LOG"

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.backends import BackendError, select_backend
 from service.embedder import Embedder
 from service.errors import CatchAllMiddleware, envelope, install_error_handlers
 from service.gallery import Gallery, GalleryError, IndexParams
@@ -63,8 +64,22 @@ def load_components(state: ServiceState) -> None:
     torch.set_num_threads(settings.torch_thread_count)
     state.bundle = bundle
     state.centers = F.normalize(bundle.centers.float(), dim=1).cpu().numpy().astype(np.float32)
+    state.status = "choosing the inference backend"
+    try:
+        backend, choice = select_backend(
+            bundle, settings.backend, settings.model_cache_path, settings.torch_thread_count, settings.max_batch
+        )
+    except BackendError as error:
+        raise StartupError(str(error)) from None
+    state.extras["backend"] = {"name": backend.name, "requested": choice["requested"], "reason": choice["reason"]}
+    logger.info("inference backend: %s (%s)", backend.name, choice["reason"])
     state.embedder = Embedder(
-        bundle, settings.max_batch, settings.max_wait_ms, settings.torch_thread_count, state.metrics.observe_batch
+        bundle,
+        settings.max_batch,
+        settings.max_wait_ms,
+        settings.torch_thread_count,
+        state.metrics.observe_batch,
+        backend=backend,
     ).start()
     state.status = "warming up the model"
     state.embedder.warmup()

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from service.backends import Backend, TorchBackend
 from service.errors import NotReady, Overloaded
 from service.images import decode_image
 from training.bundle import Bundle
@@ -110,6 +110,7 @@ class Embedder:
         threads: int | None = None,
         on_batch: BatchHook | None = None,
         clock: Callable[[], float] = time.monotonic,
+        backend: Backend | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -119,6 +120,10 @@ class Embedder:
         self.threads = threads
         self.on_batch = on_batch
         self.clock = clock
+        self.backend: Backend = backend or TorchBackend(bundle)
+        spec = bundle.preprocess.spec
+        # one batch buffer for the worker's whole life: jobs are copied in, no per-batch concatenation
+        self._buffer = np.empty((max_batch, spec.channels, spec.height, spec.width), np.float32)
         self.forward_passes = 0
         self.batch_sizes: Counter[int] = Counter()
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -287,7 +292,7 @@ class Embedder:
         if not jobs:
             return
         try:
-            embeddings = self._forward(torch.cat([job.batch for job in jobs]))
+            embeddings = self._forward(self._stack(jobs))
         except Exception as error:
             if len(jobs) == 1:
                 logger.exception("forward pass failed for %d images", jobs[0].rows)
@@ -302,9 +307,21 @@ class Embedder:
             job.settle(embeddings[offset : offset + job.rows], None)
             offset += job.rows
 
+    def _stack(self, jobs: list[_Job]) -> np.ndarray:
+        """The jobs' rows as one batch: copied into the reused buffer (one oversized job is used as is)."""
+        rows = sum(job.rows for job in jobs)
+        if rows > self.max_batch or jobs[0].batch.shape[1:] != self._buffer.shape[1:]:
+            return torch.cat([job.batch for job in jobs]).float().numpy()
+        target = torch.from_numpy(self._buffer)
+        offset = 0
+        for job in jobs:
+            target[offset : offset + job.rows].copy_(job.batch)
+            offset += job.rows
+        return self._buffer[:rows]
+
     def _process_alone(self, job: _Job) -> None:
         try:
-            job.settle(self._forward(job.batch), None)
+            job.settle(self._forward(self._stack([job])), None)
         except Exception as error:
             logger.exception("forward pass failed for %d images", job.rows)
             job.settle(None, error)
@@ -322,13 +339,12 @@ class Embedder:
             live.append(job)
         return live
 
-    @torch.inference_mode()
-    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
         outputs = []
-        for chunk in batch.split(self.max_batch):  # one oversized request still respects max_batch
+        for start in range(0, batch.shape[0], self.max_batch):  # one oversized request still respects max_batch
+            chunk = batch[start : start + self.max_batch]
             started = time.perf_counter()
-            features = self.bundle.model(chunk.to(self.bundle.centers.device))
-            outputs.append(F.normalize(features.float(), dim=1).cpu().numpy())
+            outputs.append(self.backend(chunk))
             self.forward_passes += 1
             self.batch_sizes[chunk.shape[0]] += 1
             if self.on_batch is not None:

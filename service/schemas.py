@@ -228,6 +228,12 @@ class GalleryInfo(BaseModel):
     fingerprint: str = Field(description="model the stored embeddings belong to (= the model's once ready)")
 
 
+class BackendInfo(BaseModel):
+    name: Literal["torch", "onnxruntime"]
+    requested: Literal["auto", "torch", "onnxruntime"]
+    reason: str  # requested | measured | recorded measurement | fallback: <why> | device
+
+
 class Info(BaseModel):
     model_config = _example(
         {
@@ -254,6 +260,7 @@ class Info(BaseModel):
                 "fingerprint": "3f2a9c1b7d4e…",
             },
             "max_batch": 32,
+            "backend": {"name": "onnxruntime", "requested": "auto", "reason": "measured"},
             "version": "0.1.0",
         }
     )
@@ -262,6 +269,7 @@ class Info(BaseModel):
     thresholds: list[ThresholdInUse] = Field(description="every threshold in force, with how it was obtained")
     gallery: GalleryInfo
     max_batch: int
+    backend: BackendInfo | None = None  # the inference backend in force and why (CENTERID_BACKEND)
     version: str
 
 

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
 
     max_batch: int = Field(32, ge=1, description="most images per forward pass (1 disables batching)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first queued request waits for company")
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="inference backend; auto = the faster of the two on this machine (measured once, recorded)"
+    )
+    model_cache_dir: Path | None = Field(
+        None, description="where ONNX exports and backend measurements are cached; unset = ~/.cache/centerid"
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = cores - 1 (at least 1)")
     faiss_threads: int = Field(0, ge=0, description="FAISS OpenMP threads; 0 = half the cores (at least 1)")
 
@@ -137,6 +143,11 @@ class Settings(BaseSettings):
         """One core is left to the event loop, decoding and FAISS: OpenMP threads spin while they wait, so
         a forward pass that shares its cores slows down by far more than one thread's worth."""
         return self.torch_threads or max(1, available_cores() - 1)
+
+    @property
+    def model_cache_path(self) -> Path:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return self.model_cache_dir or Path(base) / "centerid"
 
     @property
     def faiss_thread_count(self) -> int:

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 
 from service.admission import AdmissionGate
 from service.embedder import Embedder
@@ -18,6 +17,7 @@ from service.errors import Forbidden, NotReady, PayloadTooLarge, Unauthorized
 from service.gallery import Gallery
 from service.images import PendingImage, load_for_model, open_upload
 from service.metrics import Metrics
+from service.offload import INLINE_MAX_BYTES, INLINE_MAX_COST, run_small_inline
 from service.operating_point import OperatingPoint
 from service.settings import Settings
 from service.strangers import StrangerStore
@@ -162,12 +162,12 @@ async def read_uploads(
             for blob, name in zip(blobs, names, strict=True)
         ]
 
-    pending = await run_in_threadpool(open_all)
+    pending = await run_small_inline(sum(map(len, blobs)) <= INLINE_MAX_BYTES, open_all)
     check_request_budget(pending, settings.max_request_pixels)
     tensors = []
     for upload in pending:
         async with state.admission.reserve(upload.cost, upload.field, deadline):
-            image = await run_in_threadpool(load_for_model, upload, preprocess)
+            image = await run_small_inline(upload.cost <= INLINE_MAX_COST, load_for_model, upload, preprocess)
         tensors.append(preprocess.to_tensor(image))
     return Uploads(blobs, torch.stack(tensors))
 

@@ -72,6 +72,7 @@ async def info(state: Annotated[ServiceState, Depends(ready_state)]) -> Info:
             fingerprint=await run_in_threadpool(lambda: gallery.stored_fingerprint),
         ),
         max_batch=state.settings.max_batch,
+        backend=state.extras.get("backend"),  # type: ignore[arg-type]
         version=service_version(),
     )
 

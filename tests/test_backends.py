@@ -1,0 +1,153 @@
+"""Inference backends: ONNX Runtime gives torch's embeddings, the export is cached by weights hash outside the
+bundle, ``auto`` picks the measured winner and reuses the record, a bad export is refused, /info says which."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import orl_bytes, orl_image, service_client
+
+from service import backends
+from service.backends import BackendError, OnnxRuntimeBackend, TorchBackend, cache_key, select_backend
+from service.embedder import Embedder
+from training.bundle import load_bundle
+
+
+@pytest.fixture(scope="module")
+def images(bundle_dir: Path) -> np.ndarray:
+    """A fixed image set: 40 ORL faces (4 per identity for 10 identities), preprocessed by the bundle."""
+    bundle = load_bundle(bundle_dir)
+    return bundle.preprocess.batch([orl_image(i, j) for i in range(1, 41, 4) for j in (1, 4, 7, 10)]).numpy()
+
+
+def reference(bundle_dir: Path, batch: np.ndarray) -> np.ndarray:
+    """The bundle's module run plainly: forward, then divide by the L2 norm."""
+    bundle = load_bundle(bundle_dir)
+    with torch.no_grad():
+        features = bundle.model(torch.from_numpy(batch)).double()
+    return (features / features.norm(dim=1, keepdim=True)).numpy()
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_onnxruntime_gives_torchs_embeddings_on_a_fixed_image_set(
+    bundle_dir: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    bundle = load_bundle(bundle_dir)
+    expected = reference(bundle_dir, images)
+    onnx = OnnxRuntimeBackend(backends.cached_onnx(bundle, tmp_path), threads=1)
+    for backend in (TorchBackend(bundle), onnx):
+        got = backend(images)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert cosines(got, expected).min() >= 0.9999, backend.name
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_export_is_cached_by_weights_hash_and_reused(
+    bundle_dir: Path, second_bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = load_bundle(bundle_dir), load_bundle(second_bundle_dir)
+    assert cache_key(first) != cache_key(second)  # other weights, other cache entry
+    data = backends.cached_onnx(first, tmp_path / "cache")
+    assert (tmp_path / "cache" / f"{cache_key(first)}.onnx").read_bytes() == data
+    assert not any(p.suffix == ".onnx" for p in bundle_dir.iterdir())  # nothing written into the bundle
+
+    def no_export(_: object) -> bytes:
+        raise AssertionError("exported again although the cache holds this bundle's export")
+
+    monkeypatch.setattr(backends, "export_onnx", no_export)
+    assert backends.cached_onnx(first, tmp_path / "cache") == data
+
+
+def test_an_unwritable_cache_still_serves(bundle_dir: Path, images: np.ndarray, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    bundle = load_bundle(bundle_dir)
+    backend, choice = select_backend(bundle, "onnxruntime", blocker / "cache", threads=1, max_batch=8)
+    assert backend.name == "onnxruntime" and choice["reason"] == "requested"
+    assert cosines(backend(images), reference(bundle_dir, images)).min() >= 0.9999
+
+
+def test_an_export_that_disagrees_is_refused_or_falls_back(
+    bundle_dir: Path, second_bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ONNX model of other weights must never serve: explicit onnxruntime refuses, auto uses torch."""
+    other = backends.export_onnx(load_bundle(second_bundle_dir))
+    monkeypatch.setattr(backends, "cached_onnx", lambda *_: other)
+    bundle = load_bundle(bundle_dir)
+    with pytest.raises(BackendError, match="min cosine"):
+        select_backend(bundle, "onnxruntime", tmp_path, threads=1, max_batch=8)
+    backend, choice = select_backend(bundle, "auto", tmp_path, threads=1, max_batch=8)
+    assert backend.name == "torch" and choice["reason"].startswith("fallback")
+
+
+@pytest.mark.parametrize("winner", ["torch", "onnxruntime"])
+def test_auto_serves_the_measured_winner_and_reuses_the_record(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, winner: str
+) -> None:
+    rates = {"torch": 100.0, "onnxruntime": 100.0, winner: 150.0}
+    calls = []
+
+    def fake_measure(candidates: list[object], batch: np.ndarray, rounds: int = 3) -> dict[str, float]:
+        calls.append(batch.shape[0])
+        return {backend.name: rates[backend.name] for backend in candidates}  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(backends, "measure", fake_measure)
+    bundle = load_bundle(bundle_dir)
+    backend, choice = select_backend(bundle, "auto", tmp_path, threads=1, max_batch=8)
+    assert (backend.name, choice["reason"], calls) == (winner, "measured", [8])
+    record = json.loads((tmp_path / f"{cache_key(bundle)}.choice.json").read_text())
+    assert record["choice"] == winner
+    backend, choice = select_backend(bundle, "auto", tmp_path, threads=1, max_batch=8)
+    assert (backend.name, choice["reason"], calls) == (winner, "recorded measurement", [8])  # not measured again
+    _, choice = select_backend(bundle, "auto", tmp_path, threads=2, max_batch=8)  # other threads: measure anew
+    assert choice["reason"] == "measured" and calls == [8, 8]
+
+
+def test_measure_times_each_backend(bundle_dir: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    slow_calls = []
+
+    class Slow(TorchBackend):
+        name = "slow"
+
+        def __call__(self, batch: np.ndarray) -> np.ndarray:
+            slow_calls.append(1)
+            for _ in range(4):  # four forward passes per call: a quarter of the rate, whatever the load
+                out = super().__call__(batch)
+            return out
+
+    rates = backends.measure([TorchBackend(bundle), Slow(bundle)], backends.probe_batch(bundle, 4), rounds=3)
+    assert rates["torch"] > rates["slow"] > 0 and slow_calls
+
+
+def test_the_reused_batch_buffer_never_leaks_rows_between_batches(bundle_dir: Path, images: np.ndarray) -> None:
+    expected = reference(bundle_dir, images)
+    with Embedder(load_bundle(bundle_dir), max_batch=8, max_wait_ms=0, threads=1) as embedder:
+        big = embedder.embed_sync(torch.from_numpy(images[:8]))
+        small = embedder.embed_sync(torch.from_numpy(images[8:10]))
+        oversized = embedder.embed_sync(torch.from_numpy(images[:20]))  # > max_batch: split, not buffered
+    assert small.shape == (2, expected.shape[1]) and oversized.shape == (20, expected.shape[1])
+    assert cosines(big, expected[:8]).min() >= 0.9999
+    assert cosines(small, expected[8:10]).min() >= 0.9999
+    assert cosines(oversized, expected[:20]).min() >= 0.9999
+
+
+def test_info_names_the_backend_and_embed_agrees_with_torch(bundle_dir: Path, tmp_path: Path) -> None:
+    files = [("files", (f"{j}.pgm", orl_bytes(3, j), "image/x-portable-graymap")) for j in (1, 2, 3)]
+    with service_client(bundle_dir, tmp_path / "gallery", backend="onnxruntime", model_cache_dir=tmp_path) as client:
+        info = client.get("/info").json()
+        assert info["backend"] == {"name": "onnxruntime", "requested": "onnxruntime", "reason": "requested"}
+        served = np.array(client.post("/embed", files=files).json()["embeddings"], np.float32)
+    bundle = load_bundle(bundle_dir)
+    batch = bundle.preprocess.batch([orl_image(3, j) for j in (1, 2, 3)])
+    with torch.no_grad():
+        expected = F.normalize(bundle.model(batch), dim=1).numpy()
+    assert cosines(served, expected).min() >= 0.9999
