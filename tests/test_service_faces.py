@@ -215,6 +215,8 @@ def test_blank_and_noise_uploads_have_no_face(photos: Any, aligned_bundle: Path,
     refused = photos.post("/gallery", data={"label": "nobody"}, files=[("files", face), ("files", png(blank))])
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "no_face"
     assert photos.get("/gallery").json()["total"] == 0  # nothing half-enrolled
+    stranger = photos.post("/strangers", data={"label": "nobody"}, files={"files": png(blank)})
+    assert stranger.status_code == 422 and stranger.json()["error"]["code"] == "no_face"
 
 
 def two_faces(orl_folder: Path, people: list[str]) -> tuple[Image.Image, tuple, tuple]:
