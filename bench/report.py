@@ -28,7 +28,8 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("bench/results/raw/serve_load.json", "bench/results/raw/gallery_scale.json")),
     ("Hardening", "docs/benchmarks_hardening.md", ("bench/results/raw/slow_clients.json",)),
     ("Face detection and alignment", "docs/benchmarks_detection.md",
-     ("bench/results/raw/detect_cost.json", "bench/results/raw/align_identify.json")),
+     ("bench/results/raw/detect_cost.json", "bench/results/raw/align_identify.json",
+      "bench/results/raw/faces_service.json")),
     ("Training job", "docs/benchmarks_training.md", ()),
     ("Open-set error rates (glyphs)", "docs/benchmarks_open_set.md", ()),  # its tables are in the doc itself
 )  # fmt: skip

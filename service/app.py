@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.backends import BackendError, select_backend
 from service.embedder import Embedder
 from service.errors import CatchAllMiddleware, envelope, install_error_handlers
+from service.faces import LazyFinder, build_finder
 from service.gallery import Gallery, GalleryError, IndexParams
 from service.images import configure_pillow
 from service.metrics import Metrics, MetricsMiddleware
@@ -37,6 +38,7 @@ from service.routes.system import service_version
 from service.settings import Settings
 from service.strangers import StrangerError, StrangerStore
 from training.bundle import BundleError, load_bundle
+from training.detect import DetectorError
 
 logger = logging.getLogger("centerid.service")
 
@@ -63,6 +65,7 @@ def load_components(state: ServiceState) -> None:
         raise StartupError(f"cannot load the bundle: {error}") from None
     torch.set_num_threads(settings.torch_thread_count)
     state.bundle = bundle
+    load_face_finder(state)
     state.centers = F.normalize(bundle.centers.float(), dim=1).cpu().numpy().astype(np.float32)
     state.status = "choosing the inference backend"
     try:
@@ -121,6 +124,20 @@ def load_components(state: ServiceState) -> None:
         state.status = f"re-embedding {state.gallery.pending_reembed} gallery entries"
     else:
         state.status = "finishing startup"
+
+
+def load_face_finder(state: ServiceState) -> None:
+    """The detector, built now only when the bundle aligns; POST /detect on other bundles builds it lazily."""
+    settings, spec = state.settings, state.bundle.preprocess.spec  # type: ignore[union-attr]
+    state.detect_only = LazyFinder(lambda: build_finder(settings, None))
+    if spec.align == "none":
+        return
+    state.status = "loading the face detector"
+    try:
+        state.faces = build_finder(settings, spec)
+    except DetectorError as error:
+        raise StartupError(f"the bundle aligns faces ({spec.align}) but the detector cannot load: {error}") from None
+    logger.info("faces: %s alignment, detector %s", spec.align, state.faces.describe())
 
 
 def reembed_gallery(state: ServiceState) -> None:
@@ -206,6 +223,10 @@ def shutdown(state: ServiceState) -> None:
         state.strangers.close()
     if state.gallery is not None:
         state.gallery.close()
+    if state.faces is not None:
+        state.faces.close()
+    if state.detect_only is not None:
+        state.detect_only.close()
 
 
 def warn_if_open(settings: Settings) -> None:

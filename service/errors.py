@@ -68,6 +68,12 @@ class InvalidParameter(ServiceError):
     status, code = 422, "invalid_parameter"
 
 
+class NoFace(ServiceError):
+    """An upload to an aligning bundle in which the detector found no face (the message names the field)."""
+
+    status, code = 422, "no_face"
+
+
 class NotReady(ServiceError):
     status, code = 503, "not_ready"
 

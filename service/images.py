@@ -96,9 +96,10 @@ class PendingImage:
     full-size pixels alive once they have been shrunk.
     """
 
-    def __init__(self, field: str, kind: str, image: Image.Image) -> None:
+    def __init__(self, field: str, kind: str, image: Image.Image, size: tuple[int, int] | None = None) -> None:
         self.field = field
         self.kind = kind
+        self.size = size or image.size  # the header's (width, height), before any JPEG draft scaling
         width, height = image.size
         self.cost = width * height * working_bytes_per_pixel(image.mode, kind)
         self._image: Image.Image | None = image
@@ -140,7 +141,7 @@ def open_upload(
             image.draft(image.mode, preprocess.draft_size())
         except DECODE_ERRORS as error:
             raise BadImage(f"{field}: cannot read the {kind} header ({reason(error)})") from None
-    return PendingImage(field, kind, image)
+    return PendingImage(field, kind, image, (width, height))
 
 
 def load_upload(pending: PendingImage, preprocess: Preprocessor | None = None) -> Image.Image:

@@ -21,11 +21,47 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+FACE_EXAMPLE = {
+    "box": [180.1, 42.5, 262.0, 148.9],
+    "score": 0.9998,
+    "landmarks": [[201.2, 84.0], [239.8, 83.1], [221.0, 104.7], [205.3, 125.2], [236.9, 124.6]],
+}
+
+
+class FaceOut(BaseModel):
+    """A detected face, in the upload's (EXIF-upright) pixel coordinates."""
+
+    box: list[float] = Field(description="x1, y1, x2, y2 (may extend past the image edge for a cut-off face)")
+    score: float = Field(description="the detector's face probability (O-Net)")
+    landmarks: list[list[float]] = Field(
+        description="(x, y) of the left eye, right eye, nose, left and right mouth corner (left = image left)"
+    )
+
+
+class EmbeddedFace(FaceOut):
+    file: int = Field(description="index of the uploaded file this face was found in")
+
+
 class EmbedResponse(BaseModel):
     model_config = _example({"model": "resnet18-3f2a9c1b7d4e", "dim": 4, "embeddings": [[0.5, -0.5, 0.5, 0.5]]})
     model: str = Field(description="model name: arch and fingerprint prefix")
     dim: int
-    embeddings: list[list[float]] = Field(description="L2-normalised, one row per uploaded file, in upload order")
+    embeddings: list[list[float]] = Field(
+        description="L2-normalised, one row per uploaded file in upload order (per face, when the bundle aligns)"
+    )
+    faces: list[EmbeddedFace] | None = Field(
+        None, description="when the bundle aligns: the face each row was computed from (null otherwise)"
+    )
+
+
+class DetectedImage(BaseModel):
+    file: int = Field(description="index of the uploaded file")
+    faces: list[FaceOut] = Field(description="every face found, largest first (empty when none)")
+
+
+class DetectResponse(BaseModel):
+    model_config = _example({"images": [{"file": 0, "faces": [FACE_EXAMPLE]}]})
+    images: list[DetectedImage]
 
 
 class ThresholdBasis(BaseModel):
@@ -73,12 +109,21 @@ class VerifyResponse(BaseModel):
     match: bool = Field(description="similarity ≥ threshold")
     model: str
     label: str | None = Field(None, description="the enrolled identity compared against (label mode)")
+    faces: dict[str, FaceOut] | None = Field(
+        None, description="when the bundle aligns: the (largest) face used, per upload field"
+    )
 
 
 class IdentifyMatch(BaseModel):
     label: str
     similarity: float
     entry_id: int | None = Field(None, description="best-matching gallery entry (gallery mode only)")
+
+
+class IdentifiedFace(BaseModel):
+    face: FaceOut
+    identity: str | None = Field(description="best label for this face, or null below the threshold")
+    matches: list[IdentifyMatch]
 
 
 class IdentifyResponse(BaseModel):
@@ -98,6 +143,11 @@ class IdentifyResponse(BaseModel):
     threshold_basis: ThresholdBasis
     mode: Literal["gallery", "centers"]
     model: str
+    faces: list[IdentifiedFace] | None = Field(
+        None,
+        description="when the bundle aligns: each face searched, largest first (one unless faces=all); "
+        "identity and matches above are the first's",
+    )
 
 
 class EntryOut(BaseModel):
@@ -105,6 +155,7 @@ class EntryOut(BaseModel):
     label: str
     metadata: dict[str, Any]
     created_at: str
+    face: FaceOut | None = Field(None, description="on enrollment, when the bundle aligns: the face enrolled")
 
 
 class EnrollResponse(BaseModel):
@@ -234,6 +285,13 @@ class BackendInfo(BaseModel):
     reason: str  # requested | measured | recorded measurement | fallback: <why> | device
 
 
+class FacesInfo(BaseModel):
+    aligns: bool = Field(description="whether uploads are searched for faces and aligned before embedding")
+    align: str = Field(description="the bundle's alignment: none or similarity5")
+    template: list[list[float]] | None = Field(description="the 5-point template, pixels of the network input")
+    detector: dict[str, Any] | None = Field(description="detector settings (null: built on the first POST /detect)")
+
+
 class Info(BaseModel):
     model_config = _example(
         {
@@ -268,6 +326,7 @@ class Info(BaseModel):
     threshold: ThresholdInfo
     thresholds: list[ThresholdInUse] = Field(description="every threshold in force, with how it was obtained")
     gallery: GalleryInfo
+    faces: FacesInfo
     max_batch: int
     backend: BackendInfo | None = None  # the inference backend in force and why (CENTERID_BACKEND)
     version: str
@@ -282,7 +341,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "unknown label or entry id",
         413: "file, image or request too large, or too many files",
         415: "unsupported file type",
-        422: "invalid parameter",
+        422: "invalid parameter, or no_face: no face found in an upload (aligning bundles)",
         503: "not ready (model loading or gallery re-embedding), or the gallery store cannot answer",
     }.items()
 }

@@ -93,6 +93,16 @@ class Settings(BaseSettings):
     fpir_strangers: int = Field(
         20_000, ge=1, description="most strangers searched per /identify threshold refresh (seeded subsample beyond)"
     )
+    # -- faces in photos (issue 14): only used when the bundle's input spec aligns, and by POST /detect --
+    detect_thresholds: str = Field(
+        "0.6,0.7,0.7", description="MTCNN P-, R- and O-Net face probability thresholds, comma-separated"
+    )
+    detect_min_face: float = Field(20.0, ge=1, description="smallest face searched, in pixels of the detection image")
+    detect_scale_factor: float = Field(0.709, ge=0.3, le=0.9, description="MTCNN image pyramid step")
+    detect_max_side: int = Field(
+        1280, ge=64, le=8192, description="photos are decoded for detection at most this many pixels on a side"
+    )
+    detect_threads: int = Field(1, ge=1, le=64, description="threads running detection + alignment (off the loop)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -116,6 +126,18 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_keys(cls, value: object) -> str:
         return _split_keys(value)
+
+    @field_validator("detect_thresholds", mode="before")
+    @classmethod
+    def _three_probabilities(cls, value: object) -> str:
+        parts = _split_keys(value).split(",")
+        try:
+            numbers = [float(part) for part in parts]
+        except ValueError:
+            raise ValueError(f"three comma-separated numbers expected, got {value!r}") from None
+        if len(numbers) != 3 or not all(0.0 <= n < 1.0 for n in numbers):
+            raise ValueError(f"three probabilities in [0, 1) expected, got {value!r}")
+        return ",".join(str(n) for n in numbers)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -148,6 +170,11 @@ class Settings(BaseSettings):
     def model_cache_path(self) -> Path:
         base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         return self.model_cache_dir or Path(base) / "centerid"
+
+    @property
+    def detect_threshold_values(self) -> tuple[float, float, float]:
+        first, second, third = (float(part) for part in self.detect_thresholds.split(","))
+        return (first, second, third)
 
     @property
     def faiss_thread_count(self) -> int:

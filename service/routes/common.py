@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import hmac
+import io
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from fastapi import Depends, Request, UploadFile
+from fastapi import Depends, Form, Request, UploadFile
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.admission import AdmissionGate
 from service.embedder import Embedder
 from service.errors import Forbidden, NotReady, PayloadTooLarge, Unauthorized
+from service.faces import FaceFinder, FoundFace, LazyFinder
 from service.gallery import Gallery
 from service.images import PendingImage, load_for_model, open_upload
 from service.metrics import Metrics
@@ -22,6 +24,7 @@ from service.operating_point import OperatingPoint
 from service.settings import Settings
 from service.strangers import StrangerStore
 from training.bundle import Bundle
+from training.detect import Face
 
 
 @dataclass
@@ -36,6 +39,8 @@ class ServiceState:
     centers: np.ndarray | None = None  # the bundle's class centers, L2-normalised, C×D
     strangers: StrangerStore | None = None  # the operator's strangers (POST /strangers)
     operating_point: OperatingPoint | None = None  # the live /identify thresholds
+    faces: FaceFinder | None = None  # detect + align, only when the bundle's input spec aligns
+    detect_only: LazyFinder | None = None  # POST /detect on a bundle that does not align (built on first use)
     ready: bool = False
     status: str = "starting"
     extras: dict[str, object] = field(default_factory=dict)
@@ -43,6 +48,17 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         self.admission = AdmissionGate(self.settings.max_inflight_pixels, self.settings.admission_wait_ms / 1000.0)
+
+    @property
+    def aligns(self) -> bool:
+        return self.faces is not None
+
+    def finder(self) -> FaceFinder:
+        """The detector for POST /detect: the aligning bundle's, else the lazily built detect-only one."""
+        if self.faces is not None:
+            return self.faces
+        assert self.detect_only is not None
+        return self.detect_only.get()
 
     @property
     def model_name(self) -> str:
@@ -131,21 +147,61 @@ def require_admin(
 # -- uploads ------------------------------------------------------------------------------------------------
 @dataclass
 class Uploads:
-    blobs: list[bytes]
-    batch: torch.Tensor  # preprocessed N×C×H×W
+    blobs: list[bytes]  # the uploads as received
+    batch: torch.Tensor  # preprocessed N×C×H×W: one row per upload, or per face found when the bundle aligns
+    owners: list[int]  # the upload each row comes from
+    found: list[FoundFace] | None = None  # per row, when the bundle aligns: the face and its aligned crop
+
+    @property
+    def faces(self) -> list[Face] | None:
+        return None if self.found is None else [f.face for f in self.found]
+
+    def row_blobs(self) -> list[bytes]:
+        """What the gallery stores per row: the upload, or the face's aligned crop (PNG) when the bundle aligns,
+        so that a later re-embedding by the next model sees the same face (not the whole photo)."""
+        if self.found is None:
+            return [self.blobs[owner] for owner in self.owners]
+        return [_png(f.crop) for f in self.found if f.crop is not None]
+
+
+def _png(image: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # type: ignore[attr-defined]
+    return buffer.getvalue()
 
 
 async def read_uploads(
-    files: list[UploadFile], names: list[str], state: ServiceState, deadline: float | None = None
+    files: list[UploadFile],
+    names: list[str],
+    state: ServiceState,
+    deadline: float | None = None,
+    every_face: bool = False,
 ) -> Uploads:
-    """Read, decode and preprocess uploads; decoding and preprocessing run in the threadpool.
+    """Read, decode and preprocess uploads; small ones on the event loop, the rest in the threadpool.
 
     Every header is read and checked first, and the request's decode cost charged against
     CENTERID_MAX_REQUEST_PIXELS (413) before any pixel is decoded. Each image is then decoded only once
     the global in-flight budget admits it (or 503 ``overloaded``), straight to the network's small input,
-    and its share is returned: a request holds at most one full-size image at a time.
+    and its share is returned: a request holds at most one full-size image at a time. When the bundle
+    aligns, each image is decoded at the detection size instead and its faces are found and aligned
+    (422 ``no_face`` naming the field when there is none) before its budget share is returned.
     """
-    settings = state.settings
+    blobs = await read_blobs(files, names, state.settings)
+    pending = await open_checked(blobs, names, state, state.faces.decode if state.faces else None)
+    if state.faces is not None:
+        return await _find_faces(blobs, pending, state, state.faces, deadline, every_face)
+    assert state.bundle is not None
+    preprocess = state.bundle.preprocess
+    tensors = []
+    for upload in pending:
+        async with state.admission.reserve(upload.cost, upload.field, deadline):
+            image = await run_small_inline(upload.cost <= INLINE_MAX_COST, load_for_model, upload, preprocess)
+        tensors.append(preprocess.to_tensor(image))
+    return Uploads(blobs, torch.stack(tensors), list(range(len(blobs))))
+
+
+async def read_blobs(files: list[UploadFile], names: list[str], settings: Settings) -> list[bytes]:
+    """The uploads' bytes, each refused (413) past CENTERID_MAX_FILE_BYTES before it is read whole."""
     if len(files) > settings.max_files:
         raise PayloadTooLarge(f"{len(files)} files in one request; the limit is {settings.max_files}")
     blobs = []
@@ -153,23 +209,47 @@ async def read_uploads(
         if upload.size is not None and upload.size > settings.max_file_bytes:  # refuse before reading it
             raise PayloadTooLarge(f"{name}: {upload.size} bytes exceeds the limit of {settings.max_file_bytes} bytes")
         blobs.append(await upload.read(settings.max_file_bytes + 1))
+    return blobs
+
+
+async def open_checked(blobs: list[bytes], names: list[str], state: ServiceState, decode: object) -> list[PendingImage]:
+    """Every header read and checked, the request's decode cost within CENTERID_MAX_REQUEST_PIXELS (413).
+    ``decode`` sets the JPEG draft size: the model's preprocessing, or the detection decode for photos."""
+    settings = state.settings
     assert state.bundle is not None
-    preprocess = state.bundle.preprocess
+    target = decode or state.bundle.preprocess
 
     def open_all() -> list[PendingImage]:
         return [
-            open_upload(blob, name, settings.max_file_bytes, settings.max_pixels, preprocess)
+            open_upload(blob, name, settings.max_file_bytes, settings.max_pixels, target)  # type: ignore[arg-type]
             for blob, name in zip(blobs, names, strict=True)
         ]
 
     pending = await run_small_inline(sum(map(len, blobs)) <= INLINE_MAX_BYTES, open_all)
     check_request_budget(pending, settings.max_request_pixels)
-    tensors = []
-    for upload in pending:
+    return pending
+
+
+async def _find_faces(
+    blobs: list[bytes],
+    pending: list[PendingImage],
+    state: ServiceState,
+    finder: FaceFinder,
+    deadline: float | None,
+    every_face: bool,
+) -> Uploads:
+    """Detect and align each upload in turn, holding its decode budget until only its crops are left."""
+    assert state.bundle is not None
+    preprocess = state.bundle.preprocess
+    found: list[FoundFace] = []
+    owners: list[int] = []
+    for number, upload in enumerate(pending):
         async with state.admission.reserve(upload.cost, upload.field, deadline):
-            image = await run_small_inline(upload.cost <= INLINE_MAX_COST, load_for_model, upload, preprocess)
-        tensors.append(preprocess.to_tensor(image))
-    return Uploads(blobs, torch.stack(tensors))
+            faces = await finder.find(upload, every_face)
+        found += faces
+        owners += [number] * len(faces)
+    batch = torch.stack([preprocess.to_tensor(f.crop) for f in found])  # type: ignore[arg-type]
+    return Uploads(blobs, batch, owners, found)
 
 
 def check_request_budget(pending: list[PendingImage], limit: int) -> None:
@@ -185,16 +265,30 @@ def check_request_budget(pending: list[PendingImage], limit: int) -> None:
     )
 
 
-async def embed_uploads(files: list[UploadFile], names: list[str], state: ServiceState) -> tuple[Uploads, np.ndarray]:
-    """Decode, preprocess and embed uploads; the inference worker knows they are coming while they decode."""
+async def embed_uploads(
+    files: list[UploadFile], names: list[str], state: ServiceState, every_face: bool = False
+) -> tuple[Uploads, np.ndarray]:
+    """Decode, preprocess (detect and align, when the bundle aligns) and embed uploads; the inference worker
+    knows they are coming while they decode. One row per upload, or per face found (``every_face``)."""
     embedder = state.embedder
     assert embedder is not None
     settings = state.settings
     deadline = embedder.clock() + settings.request_timeout_s
     with embedder.announce() as arrival:
-        uploads = await read_uploads(files, names, state, deadline)
+        uploads = await read_uploads(files, names, state, deadline, every_face)
         vectors = await embedder.embed(uploads.batch, arrival, deadline=deadline, queue_limit=settings.max_queue)
         return uploads, vectors
+
+
+FacesParam = Annotated[
+    Literal["largest", "all"],
+    Form(description="when the bundle aligns: the largest face of each upload, or every face found"),
+]
+
+
+def face_out(face: Face) -> dict[str, object]:
+    """A detected face as the answers carry it (box, score, landmarks)."""
+    return face.to_dict()
 
 
 def field_names(field: str, count: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""POST /embed: embeddings of uploaded images, in upload order."""
+"""POST /embed: embeddings of uploaded images, in upload order (per face, when the bundle aligns)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, UploadFile
 
-from service.routes.common import ServiceState, embed_uploads, field_names, ready_state, require_key
-from service.schemas import EmbedResponse, errors
+from service.routes.common import (
+    FacesParam,
+    ServiceState,
+    embed_uploads,
+    face_out,
+    field_names,
+    ready_state,
+    require_key,
+)
+from service.schemas import EmbeddedFace, EmbedResponse, errors
 
 router = APIRouter(tags=["embeddings"], dependencies=[Depends(require_key)])
 
@@ -16,7 +24,19 @@ router = APIRouter(tags=["embeddings"], dependencies=[Depends(require_key)])
 async def embed(
     files: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, BMP, PGM, TIFF, WebP, GIF)")],
     state: Annotated[ServiceState, Depends(ready_state)],
+    faces: FacesParam = "largest",
 ) -> EmbedResponse:
-    """L2-normalised embeddings, one row per file, computed by the bundle's model (batched with other requests)."""
-    _, vectors = await embed_uploads(files, field_names("files", len(files)), state)
-    return EmbedResponse(model=state.model_name, dim=int(vectors.shape[1]), embeddings=vectors.tolist())
+    """L2-normalised embeddings, one row per file, computed by the bundle's model (batched with other requests).
+
+    When the bundle aligns, each file is searched for faces first: one row per file for its largest face
+    (or one per face with ``faces=all``), each described in ``faces``; a file without a face is a 422 no_face."""
+    uploads, vectors = await embed_uploads(files, field_names("files", len(files)), state, faces == "all")
+    found = uploads.faces
+    described = None
+    if found is not None:
+        described = [
+            EmbeddedFace(file=owner, **face_out(face)) for owner, face in zip(uploads.owners, found, strict=True)
+        ]
+    return EmbedResponse(
+        model=state.model_name, dim=int(vectors.shape[1]), embeddings=vectors.tolist(), faces=described
+    )

@@ -11,15 +11,17 @@ from service.errors import NotFound
 from service.gallery import Gallery
 from service.gallery_input import MAX_LABEL_CHARS, MAX_ROW_ID, parse_metadata, validate_label
 from service.routes.common import (
+    FacesParam,
     ServiceState,
     embed_uploads,
+    face_out,
     field_names,
     get_gallery,
     ready_state,
     require_admin,
     require_key,
 )
-from service.schemas import EnrollResponse, EntryOut, GalleryPage, IdentityCount, LabelEntries, errors
+from service.schemas import EnrollResponse, EntryOut, FaceOut, GalleryPage, IdentityCount, LabelEntries, errors
 
 router = APIRouter(prefix="/gallery", tags=["gallery"], dependencies=[Depends(require_key)])
 
@@ -41,16 +43,25 @@ async def enroll(
         str, Form(description="identity name: at most 200 characters, no '/', no control or invisible characters")
     ],
     metadata: Annotated[str | None, Form(description='JSON object stored with each entry: {"source": "badge"}')] = None,
+    faces: FacesParam = "largest",
 ) -> EnrollResponse:
     """Enroll images of one identity; answered only once the entries are committed to disk.
 
     Label and metadata are checked before any image is decoded (a refusal is a 422 naming the field);
-    the label is stored NFC-normalised, so canonically equivalent spellings are one identity."""
+    the label is stored NFC-normalised, so canonically equivalent spellings are one identity. When the bundle
+    aligns, each image's largest face (every face, ``faces=all``) is enrolled as one entry and its aligned crop
+    is what the gallery keeps for re-embedding; an image without a face is a 422 no_face, nothing stored."""
     label = validate_label(label)
     meta = parse_metadata(metadata)
-    uploads, vectors = await embed_uploads(files, field_names("files", len(files)), state)
-    entries = await run_in_threadpool(state.gallery.add, label, vectors, uploads.blobs, meta)  # type: ignore[union-attr]
-    return EnrollResponse(label=label, entries=[EntryOut(**e.__dict__) for e in entries])
+    uploads, vectors = await embed_uploads(files, field_names("files", len(files)), state, faces == "all")
+    blobs = await run_in_threadpool(uploads.row_blobs)
+    entries = await run_in_threadpool(state.gallery.add, label, vectors, blobs, meta)  # type: ignore[union-attr]
+    found = uploads.faces or [None] * len(entries)
+    described = [
+        EntryOut(**e.__dict__, face=None if face is None else FaceOut(**face_out(face)))
+        for e, face in zip(entries, found, strict=True)
+    ]
+    return EnrollResponse(label=label, entries=described)
 
 
 @router.get("", response_model=GalleryPage, responses=errors(422))

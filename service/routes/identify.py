@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidParameter
 from service.operating_point import identify_point
-from service.routes.common import ServiceState, embed_uploads, ready_state, require_key
-from service.schemas import IdentifyMatch, IdentifyResponse, ThresholdBasis, errors
+from service.routes.common import FacesParam, ServiceState, embed_uploads, face_out, ready_state, require_key
+from service.schemas import FaceOut, IdentifiedFace, IdentifyMatch, IdentifyResponse, ThresholdBasis, errors
 
 router = APIRouter(tags=["recognition"], dependencies=[Depends(require_key)])
 
@@ -34,30 +34,48 @@ async def identify(
     threshold: Annotated[
         float | None, Form(ge=-1, le=1, description="overrides the live FPIR operating point for this request")
     ] = None,
+    faces: FacesParam = "largest",
 ) -> IdentifyResponse:
-    """Rank identities by cosine similarity; ``identity`` is the best one if it reaches the threshold, else null."""
+    """Rank identities by cosine similarity; ``identity`` is the best one if it reaches the threshold, else null.
+
+    When the bundle aligns, the image's largest face is searched (every face with ``faces=all``), each
+    listed in ``faces`` with its box, landmarks, score and own matches; no face is a 422 no_face."""
     point = identify_point(threshold, state.settings.threshold, state.operating_point, mode)
     if point.value is None:
         raise InvalidParameter(
             "threshold: required, because the bundle has neither strangers nor a calibrated threshold and "
             "CENTERID_THRESHOLD is not set"
         )
-    _, vectors = await embed_uploads([image], ["image"], state)
-    vector = vectors[0]
+    uploads, vectors = await embed_uploads([image], ["image"], state, faces == "all")
     if mode == "centers":
-        matches = _rank_centers(state, vector, k)
+        ranked = [_rank_centers(state, vector, k) for vector in vectors]
     else:
-        found = await run_in_threadpool(state.gallery.search_labels, vector, k)  # type: ignore[union-attr]
-        matches = [IdentifyMatch(label=m.label, similarity=m.similarity, entry_id=m.entry_id) for m in found[0]]
-    best = matches[0] if matches else None
+        found = await run_in_threadpool(state.gallery.search_labels, vectors, k)  # type: ignore[union-attr]
+        ranked = [
+            [IdentifyMatch(label=m.label, similarity=m.similarity, entry_id=m.entry_id) for m in row] for row in found
+        ]
+    identities = [_decide(matches, point.value) for matches in ranked]
+    described = None
+    if uploads.faces is not None:
+        described = [
+            IdentifiedFace(face=FaceOut(**face_out(face)), identity=identity, matches=matches)
+            for face, identity, matches in zip(uploads.faces, identities, ranked, strict=True)
+        ]
     return IdentifyResponse(
-        identity=best.label if best is not None and best.similarity >= point.value else None,
-        matches=matches,
+        identity=identities[0],
+        matches=ranked[0],
         threshold=point.value,
         threshold_basis=ThresholdBasis(**point.basis),
         mode=mode,
         model=state.model_name,
+        faces=described,
     )
+
+
+def _decide(matches: list[IdentifyMatch], threshold: float) -> str | None:
+    """The best label if it reaches the threshold, else None ("unknown")."""
+    best = matches[0] if matches else None
+    return best.label if best is not None and best.similarity >= threshold else None
 
 
 def _rank_centers(state: ServiceState, vector: np.ndarray, k: int) -> list[IdentifyMatch]:

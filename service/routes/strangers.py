@@ -34,7 +34,7 @@ async def add_strangers(
         raise InvalidParameter(f"label: {error}") from None
     uploads, vectors = await embed_uploads(files, field_names("files", len(files)), state)
     try:
-        entries = await run_in_threadpool(store.add, label, vectors, uploads.blobs)
+        entries = await run_in_threadpool(store.add, label, vectors, uploads.row_blobs())
     except StrangerError as error:
         raise InvalidParameter(f"files: {error}") from None
     live.strangers_changed()

@@ -12,7 +12,17 @@ from service.errors import NotReady
 from service.metrics import CONTENT_TYPE
 from service.operating_point import MODES, identify_point, verify_point
 from service.routes.common import ServiceState, get_settings, get_state, presented_key, ready_state, require_key
-from service.schemas import GalleryInfo, Health, Info, ModelInfo, ThresholdBasis, ThresholdInfo, ThresholdInUse, errors
+from service.schemas import (
+    FacesInfo,
+    GalleryInfo,
+    Health,
+    Info,
+    ModelInfo,
+    ThresholdBasis,
+    ThresholdInfo,
+    ThresholdInUse,
+    errors,
+)
 from service.settings import Settings
 
 router = APIRouter(tags=["system"])
@@ -71,10 +81,18 @@ async def info(state: Annotated[ServiceState, Depends(ready_state)]) -> Info:
             search=await run_in_threadpool(gallery.index_description),
             fingerprint=await run_in_threadpool(lambda: gallery.stored_fingerprint),
         ),
+        faces=_faces_info(state),
         max_batch=state.settings.max_batch,
         backend=state.extras.get("backend"),  # type: ignore[arg-type]
         version=service_version(),
     )
+
+
+def _faces_info(state: ServiceState) -> FacesInfo:
+    spec = state.bundle.preprocess.spec  # type: ignore[union-attr]
+    template = [list(point) for point in spec.template] if spec.template else None
+    detector = state.faces.describe() if state.faces is not None else None
+    return FacesInfo(aligns=state.aligns, align=spec.align, template=template, detector=detector)
 
 
 def _threshold_info(state: ServiceState) -> ThresholdInfo:

@@ -13,8 +13,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidParameter, NotFound
 from service.operating_point import verify_point
-from service.routes.common import ServiceState, embed_uploads, ready_state, require_key
-from service.schemas import ThresholdBasis, VerifyResponse, errors
+from service.routes.common import ServiceState, Uploads, embed_uploads, face_out, ready_state, require_key
+from service.schemas import FaceOut, ThresholdBasis, VerifyResponse, errors
 
 router = APIRouter(tags=["recognition"], dependencies=[Depends(require_key)])
 
@@ -30,7 +30,10 @@ async def verify(
     label: Annotated[str | None, Form(description="enrolled identity to verify against (with image)")] = None,
     threshold: Annotated[float | None, Form(ge=-1, le=1, description="overrides the calibrated threshold")] = None,
 ) -> VerifyResponse:
-    """Cosine similarity of two images, or of one image and the best-matching entry of an enrolled label."""
+    """Cosine similarity of two images, or of one image and the best-matching entry of an enrolled label.
+
+    When the bundle aligns, each image's largest face is compared (listed in ``faces`` by field); an image
+    without a face is a 422 no_face naming its field."""
     point = verify_point(threshold, state.settings.threshold, state.bundle.threshold if state.bundle else None)
     if point.value is None:
         raise InvalidParameter(
@@ -42,13 +45,15 @@ async def verify(
     if not pair and (image is None or label is None):
         raise InvalidParameter(PAIR_OR_LABEL)
     if pair:
-        _, vectors = await embed_uploads([image_a, image_b], ["image_a", "image_b"], state)  # type: ignore[list-item]
+        fields = ["image_a", "image_b"]
+        uploads, vectors = await embed_uploads([image_a, image_b], fields, state)  # type: ignore[list-item]
         similarity = float(vectors[0] @ vectors[1])
     else:
         enrolled = await run_in_threadpool(state.gallery.embeddings, label)  # type: ignore[union-attr]
         if not len(enrolled):
             raise NotFound(f"label: no enrolled identity {label!r}")
-        _, vectors = await embed_uploads([image], ["image"], state)  # type: ignore[list-item]
+        fields = ["image"]
+        uploads, vectors = await embed_uploads([image], fields, state)  # type: ignore[list-item]
         similarity = float(np.max(enrolled @ vectors[0]))
     return VerifyResponse(
         similarity=similarity,
@@ -57,4 +62,12 @@ async def verify(
         match=similarity >= point.value,
         model=state.model_name,
         label=None if pair else label,
+        faces=_faces_by_field(uploads, fields),
     )
+
+
+def _faces_by_field(uploads: Uploads, fields: list[str]) -> dict[str, FaceOut] | None:
+    """Which face of each upload was compared (aligning bundles only)."""
+    if uploads.faces is None:
+        return None
+    return {fields[owner]: FaceOut(**face_out(face)) for owner, face in zip(uploads.owners, uploads.faces, strict=True)}
