@@ -506,3 +506,24 @@ def test_torchrun_diverging_run_exits_non_zero_without_a_bundle(digits: Path, tm
     assert result.returncode != 0
     assert result.stderr.count("error: training diverged") == 1, result.stderr[-3000:]
     assert not (out / "bundle.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+def test_a_folder_aligned_by_training_align_makes_an_aligning_bundle(digits: Path, tmp_path: Path, capsys) -> None:
+    """alignment.json beside the crops (as training.align writes it) reaches the bundle's input spec, so the
+    service detects and aligns uploads; a size that disagrees with the crops is refused with one line."""
+    data = tmp_path / "aligned"
+    shutil.copytree(digits, data)
+    template = [[5.0, 6.0], [11.0, 6.0], [8.0, 9.0], [6.0, 12.0], [10.0, 12.0]]
+    record = {"input": {"channels": 1, "height": 16, "width": 16, "align": "similarity5", "template": template}}
+    (data / "alignment.json").write_text(json.dumps(record))
+    out = tmp_path / "bundle"
+    args = ["--data", str(data), "--output", str(out), *TRAIN_ARGS, "--epochs", "1", "--warmup-epochs", "0"]
+    assert train.main(args) == 0
+    spec = load_bundle(out).preprocess.spec
+    assert spec.align == "similarity5" and [list(point) for point in spec.template] == template
+    capsys.readouterr()
+    wrong = [*args[:2], "--output", str(tmp_path / "other"), *TRAIN_ARGS, "--image-size", "20", "20"]
+    assert train.main(wrong) == 2
+    err = capsys.readouterr().err
+    assert "--image-size 20 20 differs from the 16x16 crops" in err and "Traceback" not in err
+    assert not (tmp_path / "other" / "bundle.json").exists()

@@ -17,6 +17,7 @@ optimizer, schedule, one epoch) and :mod:`training.publish` (evaluation, plots, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,8 @@ from training.distributed import Runtime, seed_epoch, setup_runtime
 from training.loop import Diverged, Trainer, build_embed, build_trainer, lr_factor
 from training.preprocess import InputSpec, Preprocessor
 from training.publish import finish
+
+ALIGNMENT_RECORD = "alignment.json"  # written by training.align beside its crops
 
 # re-exported: the names tests, the demo and scripts have always imported from here
 __all__ = ["ConfigError", "Runtime", "TrainConfig", "build_embed", "build_parser", "build_trainer", "lr_factor",
@@ -73,13 +76,32 @@ def load_data(config: TrainConfig, runtime: Runtime) -> tuple[Split, Preprocesso
             log.warning("%d --test-fraction images are neither trained on nor evaluated with --test-data "
                         "(pass --test-fraction 0 to train on them)", unused)  # fmt: skip
     check_batch_size(len(split.train), config, runtime)  # before decoding anything
-    spec = InputSpec(channels=config.channels, height=config.image_size[0], width=config.image_size[1])
-    preprocess = Preprocessor(spec, hflip=config.hflip)
+    preprocess = Preprocessor(input_spec(config), hflip=config.hflip)
     cache = {"auto": None, "on": True, "off": False}[config.cache]
     train_set = ImageDataset(split.train, preprocess, train=True, cache=cache)
     if train_set.skipped:
         log.info("skipped %d unreadable training image(s)", train_set.skipped)
     return split, preprocess, train_set
+
+
+def input_spec(config: TrainConfig) -> InputSpec:
+    """What the network takes. A folder written by ``python -m training.align`` says in its alignment.json how
+    its crops were aligned: the bundle records that, so the service detects and aligns uploads the same way."""
+    spec = InputSpec(channels=config.channels, height=config.image_size[0], width=config.image_size[1])
+    record = Path(config.data) / ALIGNMENT_RECORD
+    if not record.is_file():
+        return spec
+    try:
+        aligned = InputSpec.from_dict(json.loads(record.read_text())["input"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{record}: not an alignment record of training.align ({error})") from None
+    if (aligned.height, aligned.width) != (spec.height, spec.width):
+        raise ConfigError(
+            f"--image-size {spec.height} {spec.width} differs from the {aligned.height}x{aligned.width} crops "
+            f"{record} describes: pass --image-size {aligned.height} {aligned.width}"
+        )
+    log.info("crops aligned by training.align (%s): the bundle will align uploads the same way", record)
+    return dataclasses.replace(spec, align=aligned.align, template=aligned.template)
 
 
 def train(config: TrainConfig) -> Path | None:
