@@ -222,6 +222,7 @@ def test_concurrent_writers_and_searchers_stay_consistent(tmp_path: Path, kind: 
     deleted: set[int] = set()  # ids whose delete_entry() has returned
     seen: list[tuple[int, frozenset[int], list]] = []  # (query row, deleted before the search, matches)
     lock, errors = threading.Lock(), []
+    first_add, writers_done = threading.Event(), threading.Event()
     with Gallery.open(tmp_path, DIM, "m", kind, params=IndexParams(tombstone_fraction=0.2)) as gallery:
 
         def writer(worker: int) -> None:
@@ -231,6 +232,7 @@ def test_concurrent_writers_and_searchers_stay_consistent(tmp_path: Path, kind: 
                     entries = gallery.add(f"w{worker}-{i % 3}", vectors[first : first + 4], [b"x"] * 4)
                     with lock:
                         enrolled.update((e.id, (e.label, vectors[first + n])) for n, e in enumerate(entries))
+                    first_add.set()
                     gallery.delete_entry(entries[0].id)
                     with lock:
                         deleted.add(entries[0].id)
@@ -238,19 +240,28 @@ def test_concurrent_writers_and_searchers_stay_consistent(tmp_path: Path, kind: 
                 errors.append(error)
 
         def searcher(offset: int) -> None:
+            """Searches from the first committed add until the writers are done (at least one pass, at most
+            20), so searches overlap the writes however the threads are scheduled."""
             try:
-                for row in range(offset, 400, 3):
-                    with lock:
-                        gone = frozenset(deleted)
-                    seen.append((row, gone, gallery.search(vectors[row], 5)[0]))
+                assert first_add.wait(timeout=120), "no writer committed an add"
+                for _ in range(20):
+                    for row in range(offset, 400, 3):
+                        with lock:
+                            gone = frozenset(deleted)
+                        seen.append((row, gone, gallery.search(vectors[row], 5)[0]))
+                    if writers_done.is_set():
+                        return
             except BaseException as error:
                 errors.append(error)
 
-        threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
-        threads += [threading.Thread(target=searcher, args=(s,)) for s in range(3)]
-        for thread in threads:
+        writers = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+        searchers = [threading.Thread(target=searcher, args=(s,)) for s in range(3)]
+        for thread in writers + searchers:
             thread.start()
-        for thread in threads:
+        for thread in writers:
+            thread.join()
+        writers_done.set()
+        for thread in searchers:
             thread.join()
         assert not errors
         assert sum(len(matches) for _, _, matches in seen) > 0
