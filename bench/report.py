@@ -29,6 +29,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Hardening", "docs/benchmarks_hardening.md", ("bench/results/raw/slow_clients.json",)),
     ("Face detection and alignment", "docs/benchmarks_detection.md",
      ("bench/results/raw/detect_cost.json", "bench/results/raw/align_identify.json")),
+    ("Scale-out", "docs/benchmarks_scale.md", ("bench/results/raw/scale_out.json",)),
 )  # fmt: skip
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 
