@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from service.gallery_input import (
     metadata_list,
     validate_label,
 )
+from service.gallery_rows import Entry, StoredRows, placeholders
 from service.gallery_sync import Follower, read_changes
 from service.index import (
     INDEX_KINDS,
@@ -59,35 +59,8 @@ from service.store import CHANGE_ADD, CHANGE_DELETE, CHANGE_REBUILD, LAST_SEQ, S
 
 logger = logging.getLogger("centerid.gallery")
 
-ENTRY_COLUMNS = "SELECT id, label, metadata, created_at FROM entries"
 
-
-@dataclass(frozen=True)
-class Entry:
-    id: int
-    label: str
-    metadata: dict[str, Any]
-    created_at: str
-
-
-@dataclass(frozen=True)
-class LabelPage:
-    labels: list[tuple[str, int]]  # (label, number of entries), sorted by label
-    total: int  # number of distinct labels
-
-
-def _placeholders(values: Sequence[object]) -> str:
-    return ",".join("?" * len(values))
-
-
-def _entry(row: Sequence[Any]) -> Entry:
-    metadata = json.loads(row[2])
-    if "\\ud" in row[2]:  # rows written before lone surrogates were refused: answerable once replaced
-        metadata = json.loads(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "replace"))
-    return Entry(int(row[0]), row[1], metadata, row[3])
-
-
-class Gallery:
+class Gallery(StoredRows):
     """Enrolled identities: ``Gallery.open(data_dir, dim, fingerprint)`` then add / search / delete."""
 
     def __init__(
@@ -179,24 +152,10 @@ class Gallery:
         return self._follower is None or self._follower.in_sync
 
     @property
-    def stored_fingerprint(self) -> str:
-        """The model the gallery's index belongs to (differs from ``fingerprint`` until re-embedded)."""
-        return str(self._db.query("SELECT value FROM meta WHERE key = 'fingerprint'")[0][0])
-
-    @property
-    def pending_reembed(self) -> int:
-        """Entries embedded by another model; they are left out of the index until re-embedded."""
-        return int(self._db.query("SELECT COUNT(*) FROM entries WHERE fingerprint != ?", (self.fingerprint,))[0][0])
-
-    @property
     def size(self) -> int:
         """Entries in the search index (= committed entries once nothing is pending)."""
         with self._index_lock.read():
             return len(self._state.label_of)
-
-    def count(self) -> int:
-        """Entries in SQLite, whatever their model."""
-        return int(self._db.query("SELECT COUNT(*) FROM entries")[0][0])
 
     def index_description(self) -> str:
         """What a search runs on now (an IVF gallery too small to train is served by an exact index)."""
@@ -207,9 +166,6 @@ class Gallery:
         """Live vectors in the FAISS index (its ntotal minus HNSW tombstones)."""
         with self._index_lock.read():
             return self._state.live_count
-
-    def label_count(self) -> int:
-        return int(self._db.query("SELECT COUNT(DISTINCT label) FROM entries")[0][0])
 
     # -- writes ------------------------------------------------------------------------------------------
     def add(
@@ -245,7 +201,8 @@ class Gallery:
                     db.execute("INSERT INTO images (entry_id, data) VALUES (?, ?)", (entry_id, bytes(image)))
                     ids.append(entry_id)
                 log_changes(db, CHANGE_ADD, ids)
-            self._catch_up_locked()
+                seq = int(db.execute(LAST_SEQ)[0][0])
+            self._after_commit(seq, np.array(ids, dtype=np.int64), vectors, [label] * len(ids), [])
         return [Entry(i, label, json.loads(m), created) for i, m in zip(ids, metas, strict=True)]
 
     def delete_entry(self, entry_id: int) -> bool:
@@ -256,7 +213,7 @@ class Gallery:
     def delete_label(self, label: str) -> int:
         """Delete every entry of ``label``; returns how many there were (0 = unknown label)."""
         forms = lookup_labels(label)
-        return self._delete(f"SELECT id FROM entries WHERE label IN ({_placeholders(forms)})", forms)
+        return self._delete(f"SELECT id FROM entries WHERE label IN ({placeholders(forms)})", forms)
 
     def _delete(self, select: str, args: tuple[Any, ...]) -> int:
         with self._write_lock:
@@ -264,8 +221,9 @@ class Gallery:
                 ids = [row[0] for row in db.execute(select, args)]
                 db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids])  # images cascade
                 log_changes(db, CHANGE_DELETE, ids)
+                seq = int(db.execute(LAST_SEQ)[0][0])
             if ids:
-                self._catch_up_locked()
+                self._after_commit(seq, np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), np.float32), [], ids)
         return len(ids)
 
     def reembed(
@@ -346,40 +304,6 @@ class Gallery:
                 results.append(list(best.values())[:k])
             return results
 
-    def entries(self, label: str) -> list[Entry]:
-        """The entries of ``label`` in enrollment order (empty when the label is unknown)."""
-        forms = lookup_labels(label)
-        rows = self._db.query(f"{ENTRY_COLUMNS} WHERE label IN ({_placeholders(forms)}) ORDER BY id", forms)
-        return [_entry(row) for row in rows]
-
-    def entry(self, entry_id: int) -> Entry | None:
-        rows = self._db.query(f"{ENTRY_COLUMNS} WHERE id = ?", (check_row_number(entry_id, "entry_id", minimum=1),))
-        return _entry(rows[0]) if rows else None
-
-    def embeddings(self, label: str) -> np.ndarray:
-        """The current-model embeddings of ``label`` (0×dim when unknown)."""
-        forms = lookup_labels(label)
-        rows = self._db.query(
-            f"SELECT embedding FROM entries WHERE label IN ({_placeholders(forms)}) AND fingerprint = ? ORDER BY id",
-            (*forms, self.fingerprint),
-        )
-        return self._decode_vectors([r[0] for r in rows])
-
-    def image(self, entry_id: int) -> bytes | None:
-        entry_id = check_row_number(entry_id, "entry_id", minimum=1)
-        rows = self._db.query("SELECT data FROM images WHERE entry_id = ?", (entry_id,))
-        return bytes(rows[0][0]) if rows else None
-
-    def labels(self, offset: int = 0, limit: int = 100) -> LabelPage:
-        """Identities with their entry counts, sorted by label, one page at a time."""
-        offset, limit = check_row_number(offset, "offset"), check_row_number(limit, "limit")
-        with self._db.transaction() as db:  # the page and its total from one snapshot
-            rows = db.execute(
-                "SELECT label, COUNT(*) FROM entries GROUP BY label ORDER BY label LIMIT ? OFFSET ?", (limit, offset)
-            )
-            total = db.execute("SELECT COUNT(DISTINCT label) FROM entries")[0][0]
-        return LabelPage([(r[0], int(r[1])) for r in rows], int(total))
-
     # -- index maintenance -------------------------------------------------------------------------------
     def _rebuild(self) -> None:
         """Build a fresh index from the committed current-model rows and swap it in.
@@ -406,6 +330,27 @@ class Gallery:
             len(rows),
             time.perf_counter() - started,
         )
+
+    def _after_commit(
+        self, seq: int, ids: np.ndarray, vectors: np.ndarray, labels: list[str], removed: list[int]
+    ) -> None:
+        """Make the index reflect this process's own committed write before the caller is answered.
+
+        The sole writer of an embedded store applies what it just wrote (no read-back); a shared store,
+        or a log with records between ours and the last applied one, is caught up from the log instead.
+        """
+        if self._db.shared or seq - self._applied_seq != len(ids) + len(removed):
+            self._catch_up_locked()
+            return
+        self._set_threads()
+        with self._index_lock.write():
+            self._state.apply(ids, vectors, labels, removed)
+            self._applied_seq = seq
+            rebuild = self._state.needs_rebuild()
+        if rebuild:
+            self._rebuild()
+            self._save_snapshot()
+        self._generation += 1
 
     def catch_up(self) -> int:
         """Apply every change committed after :attr:`applied_seq` (any replica's); returns how many records."""
@@ -499,11 +444,3 @@ class Gallery:
         if not np.isfinite(array).all():
             raise GalleryInputError("embeddings", "vectors contain NaN or infinity")
         return normalise(array)
-
-    def _decode_vectors(self, blobs: Sequence[bytes]) -> np.ndarray:
-        if not blobs:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        joined = b"".join(blobs)
-        if len(joined) != len(blobs) * self.dim * 4:
-            raise GalleryError(f"stored embeddings are not {self.dim}-dimensional float32 vectors")
-        return np.frombuffer(joined, dtype="<f4").reshape(len(blobs), self.dim).astype(np.float32)
