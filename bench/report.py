@@ -32,6 +32,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
       "bench/results/raw/faces_service.json")),
     ("Training job", "docs/benchmarks_training.md", ()),
     ("Open-set error rates (glyphs)", "docs/benchmarks_open_set.md", ()),  # its tables are in the doc itself
+    ("Scale-out", "docs/benchmarks_scale.md", ("bench/results/raw/scale_out.json",)),
 )  # fmt: skip
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 

@@ -100,6 +100,9 @@ def load_components(state: ServiceState) -> None:
                 ivf_nprobe=settings.ivf_nprobe,
             ),
             threads=settings.faiss_thread_count,
+            database_url=settings.database_url,
+            pool_size=settings.database_pool_size,
+            follow_poll_s=settings.follow_poll_s,
         )
     except GalleryError as error:
         raise StartupError(f"cannot open the gallery: {error}") from None

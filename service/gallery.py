@@ -1,9 +1,14 @@
-"""The enrolled gallery: SQLite is the source of truth, FAISS is a search cache rebuilt from it.
+"""The enrolled gallery: the store is the source of truth, FAISS is a search cache that follows it.
 
-This module is the coordinator that keeps the two consistent. Every write is one SQLite transaction that
-commits before the caller is answered (``service.gallery_db``: WAL, folder lock, schema), its input
-validated first (``service.gallery_input``) so that nothing is committed that cannot be answered, and the
-FAISS index (``service.index``) is rebuilt from SQLite on open: a ``kill -9`` loses no acknowledged entry.
+This module is the coordinator that keeps the two consistent. The store (``service.store``) is the
+embedded SQLite file by default (``service.gallery_db``: WAL, folder lock) or a shared PostgreSQL database
+(``service.store_postgres``) that several replicas write to. Every write is one transaction holding the
+rows and their change-log records, committed before the caller is answered, its input validated first
+(``service.gallery_input``) so that nothing is committed that cannot be answered: a ``kill -9`` loses no
+acknowledged entry. The FAISS index (``service.index``) applies the log in sequence order: the writer
+catches up right after its commit (read-your-writes), other replicas when notified or at their next poll
+(``service.gallery_sync``). On open the index comes from a snapshot plus the log after it
+(``service.index_snapshot``), and is rebuilt from the stored vectors only when there is no usable one.
 
 Writes are serialised by one lock; the index is guarded by a readers-writer lock, so concurrent searches
 run in parallel but never see an index in the middle of an update. Embeddings of two models never mix:
@@ -18,7 +23,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,8 +30,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from service import index_snapshot
 from service.gallery_db import DB_FILE as DB_FILE  # `X as X`: re-exported, callers import it from here
-from service.gallery_db import GalleryDB
 from service.gallery_input import (
     GalleryError,
     GalleryInputError,
@@ -37,6 +41,8 @@ from service.gallery_input import (
     metadata_list,
     validate_label,
 )
+from service.gallery_rows import Entry, StoredRows, placeholders
+from service.gallery_sync import Follower, read_changes
 from service.index import (
     INDEX_KINDS,
     IndexParams,
@@ -49,42 +55,16 @@ from service.index import (
 from service.index import (
     build_index as build_index,
 )
+from service.store import CHANGE_ADD, CHANGE_DELETE, CHANGE_REBUILD, LAST_SEQ, Store, log_changes, open_store
 
 logger = logging.getLogger("centerid.gallery")
 
-ENTRY_COLUMNS = "SELECT id, label, metadata, created_at FROM entries"
 
-
-@dataclass(frozen=True)
-class Entry:
-    id: int
-    label: str
-    metadata: dict[str, Any]
-    created_at: str
-
-
-@dataclass(frozen=True)
-class LabelPage:
-    labels: list[tuple[str, int]]  # (label, number of entries), sorted by label
-    total: int  # number of distinct labels
-
-
-def _placeholders(values: Sequence[object]) -> str:
-    return ",".join("?" * len(values))
-
-
-def _entry(row: Sequence[Any]) -> Entry:
-    metadata = json.loads(row[2])
-    if "\\ud" in row[2]:  # rows written before lone surrogates were refused: answerable once replaced
-        metadata = json.loads(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "replace"))
-    return Entry(int(row[0]), row[1], metadata, row[3])
-
-
-class Gallery:
+class Gallery(StoredRows):
     """Enrolled identities: ``Gallery.open(data_dir, dim, fingerprint)`` then add / search / delete."""
 
     def __init__(
-        self, db: GalleryDB, dim: int, fingerprint: str, index_kind: str, params: IndexParams, threads: int | None
+        self, db: Store, dim: int, fingerprint: str, index_kind: str, params: IndexParams, threads: int | None
     ) -> None:
         self._db = db
         self.path = db.path
@@ -98,6 +78,8 @@ class Gallery:
         self._state = SearchIndex(index_kind, params, faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), {})
         self._stale = 0  # entries of another model: searches and adds refuse until reembed() clears it
         self._generation = 0
+        self._applied_seq = 0  # the newest change-log record the index reflects
+        self._follower: Follower | None = None
 
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod
@@ -109,29 +91,43 @@ class Gallery:
         index_kind: str = "flat",
         params: IndexParams | None = None,
         threads: int | None = None,
+        database_url: str | None = None,
+        pool_size: int = 4,
+        follow_poll_s: float = 1.0,
     ) -> Gallery:
-        """Open (or create) the gallery in ``data_dir`` and build its index from the committed rows.
+        """Open (or create) the gallery and load its index: snapshot plus the log after it, else a rebuild.
 
-        Rows embedded by another model are not indexed: check :attr:`pending_reembed` and call
-        :meth:`reembed` before searching or adding (both refuse until then).
+        ``data_dir`` holds the SQLite file, or with ``database_url`` (PostgreSQL) only this replica's index
+        snapshot; a replica then follows the other replicas' writes, polling at least every
+        ``follow_poll_s`` seconds. Rows embedded by another model are not indexed: check
+        :attr:`pending_reembed` and call :meth:`reembed` before searching or adding (both refuse until then).
         """
         if index_kind not in INDEX_KINDS:
             raise GalleryError(f"unknown index kind {index_kind!r}; choose one of {INDEX_KINDS}")
         if dim < 1:
             raise GalleryError(f"embedding dimension must be positive, got {dim}")
-        gallery = cls(GalleryDB(Path(data_dir)), dim, fingerprint, index_kind, params or IndexParams(), threads)
+        store = open_store(Path(data_dir), database_url, pool_size)
+        gallery = cls(store, dim, fingerprint, index_kind, params or IndexParams(), threads)
         try:
             gallery._db.init_meta(fingerprint, dim)
             gallery._stale = gallery.pending_reembed
-            gallery._rebuild()
+            gallery._load_index()
+            if store.shared:
+                gallery._follower = Follower(store, gallery.catch_up, follow_poll_s).start()
         except BaseException:
             gallery.close()
             raise
         return gallery
 
     def close(self) -> None:
+        """Stop following, write a snapshot for the next start, and close the store."""
+        if self._follower is not None:
+            self._follower.stop()
         with self._write_lock:
-            self._db.close()
+            try:
+                self._save_snapshot()
+            finally:
+                self._db.close()
 
     def __enter__(self) -> Gallery:
         return self
@@ -146,24 +142,20 @@ class Gallery:
         return self._generation
 
     @property
-    def stored_fingerprint(self) -> str:
-        """The model the gallery's index belongs to (differs from ``fingerprint`` until re-embedded)."""
-        return str(self._db.query("SELECT value FROM meta WHERE key = 'fingerprint'")[0][0])
+    def applied_seq(self) -> int:
+        """The newest change-log sequence number the index reflects."""
+        return self._applied_seq
 
     @property
-    def pending_reembed(self) -> int:
-        """Entries embedded by another model; they are left out of the index until re-embedded."""
-        return int(self._db.query("SELECT COUNT(*) FROM entries WHERE fingerprint != ?", (self.fingerprint,))[0][0])
+    def in_sync(self) -> bool:
+        """False while a replica cannot reach its shared store: searches may miss other replicas' writes."""
+        return self._follower is None or self._follower.in_sync
 
     @property
     def size(self) -> int:
         """Entries in the search index (= committed entries once nothing is pending)."""
         with self._index_lock.read():
             return len(self._state.label_of)
-
-    def count(self) -> int:
-        """Entries in SQLite, whatever their model."""
-        return int(self._db.query("SELECT COUNT(*) FROM entries")[0][0])
 
     def index_description(self) -> str:
         """What a search runs on now (an IVF gallery too small to train is served by an exact index)."""
@@ -174,9 +166,6 @@ class Gallery:
         """Live vectors in the FAISS index (its ntotal minus HNSW tombstones)."""
         with self._index_lock.read():
             return self._state.live_count
-
-    def label_count(self) -> int:
-        return int(self._db.query("SELECT COUNT(DISTINCT label) FROM entries")[0][0])
 
     # -- writes ------------------------------------------------------------------------------------------
     def add(
@@ -203,14 +192,17 @@ class Gallery:
             with self._db.transaction() as db:
                 ids = []
                 for vector, image, meta in zip(vectors, images, metas, strict=True):
-                    cursor = db.execute(
-                        "INSERT INTO entries (label, metadata, embedding, fingerprint, created_at) VALUES (?,?,?,?,?)",
+                    inserted = db.execute(
+                        "INSERT INTO entries (label, metadata, embedding, fingerprint, created_at) "
+                        "VALUES (?,?,?,?,?) RETURNING id",
                         (label, meta, vector.astype("<f4").tobytes(), self.fingerprint, created),
                     )
-                    entry_id = int(cursor.lastrowid or 0)
+                    entry_id = int(inserted[0][0])
                     db.execute("INSERT INTO images (entry_id, data) VALUES (?, ?)", (entry_id, bytes(image)))
                     ids.append(entry_id)
-            self._index_update(lambda state: state.add(np.array(ids, dtype=np.int64), vectors, label))
+                log_changes(db, CHANGE_ADD, ids)
+                seq = int(db.execute(LAST_SEQ)[0][0])
+            self._after_commit(seq, np.array(ids, dtype=np.int64), vectors, [label] * len(ids), [])
         return [Entry(i, label, json.loads(m), created) for i, m in zip(ids, metas, strict=True)]
 
     def delete_entry(self, entry_id: int) -> bool:
@@ -221,15 +213,17 @@ class Gallery:
     def delete_label(self, label: str) -> int:
         """Delete every entry of ``label``; returns how many there were (0 = unknown label)."""
         forms = lookup_labels(label)
-        return self._delete(f"SELECT id FROM entries WHERE label IN ({_placeholders(forms)})", forms)
+        return self._delete(f"SELECT id FROM entries WHERE label IN ({placeholders(forms)})", forms)
 
     def _delete(self, select: str, args: tuple[Any, ...]) -> int:
         with self._write_lock:
             with self._db.transaction() as db:
-                ids = [row[0] for row in db.execute(select, args).fetchall()]
+                ids = [row[0] for row in db.execute(select, args)]
                 db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids])  # images cascade
+                log_changes(db, CHANGE_DELETE, ids)
+                seq = int(db.execute(LAST_SEQ)[0][0])
             if ids:
-                self._index_update(lambda state: state.remove(np.array(ids, dtype=np.int64)))
+                self._after_commit(seq, np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), np.float32), [], ids)
         return len(ids)
 
     def reembed(
@@ -269,7 +263,10 @@ class Gallery:
                 raise GalleryError(f"{orphans} entries have no stored image and cannot be re-embedded")
             with self._db.transaction() as db:
                 meta = [("fingerprint", self.fingerprint), ("dim", str(self.dim))]
-                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
+                db.executemany(
+                    "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", meta
+                )
+                log_changes(db, CHANGE_REBUILD, [0])
             self._rebuild()
             self._stale = 0
             self._generation += bool(done)
@@ -307,44 +304,15 @@ class Gallery:
                 results.append(list(best.values())[:k])
             return results
 
-    def entries(self, label: str) -> list[Entry]:
-        """The entries of ``label`` in enrollment order (empty when the label is unknown)."""
-        forms = lookup_labels(label)
-        rows = self._db.query(f"{ENTRY_COLUMNS} WHERE label IN ({_placeholders(forms)}) ORDER BY id", forms)
-        return [_entry(row) for row in rows]
-
-    def entry(self, entry_id: int) -> Entry | None:
-        rows = self._db.query(f"{ENTRY_COLUMNS} WHERE id = ?", (check_row_number(entry_id, "entry_id", minimum=1),))
-        return _entry(rows[0]) if rows else None
-
-    def embeddings(self, label: str) -> np.ndarray:
-        """The current-model embeddings of ``label`` (0×dim when unknown)."""
-        forms = lookup_labels(label)
-        rows = self._db.query(
-            f"SELECT embedding FROM entries WHERE label IN ({_placeholders(forms)}) AND fingerprint = ? ORDER BY id",
-            (*forms, self.fingerprint),
-        )
-        return self._decode_vectors([r[0] for r in rows])
-
-    def image(self, entry_id: int) -> bytes | None:
-        entry_id = check_row_number(entry_id, "entry_id", minimum=1)
-        rows = self._db.query("SELECT data FROM images WHERE entry_id = ?", (entry_id,))
-        return bytes(rows[0][0]) if rows else None
-
-    def labels(self, offset: int = 0, limit: int = 100) -> LabelPage:
-        """Identities with their entry counts, sorted by label, one page at a time."""
-        offset, limit = check_row_number(offset, "offset"), check_row_number(limit, "limit")
-        with self._db.transaction() as db:  # the page and its total from one snapshot
-            rows = db.execute(
-                "SELECT label, COUNT(*) FROM entries GROUP BY label ORDER BY label LIMIT ? OFFSET ?", (limit, offset)
-            ).fetchall()
-            total = db.execute("SELECT COUNT(DISTINCT label) FROM entries").fetchone()[0]
-        return LabelPage([(r[0], int(r[1])) for r in rows], int(total))
-
     # -- index maintenance -------------------------------------------------------------------------------
     def _rebuild(self) -> None:
-        """Build a fresh index from the committed current-model rows and swap it in."""
+        """Build a fresh index from the committed current-model rows and swap it in.
+
+        The log position is read *before* the rows: the rows then reflect at least that much, and
+        replaying from there again is harmless (:meth:`SearchIndex.apply` is idempotent).
+        """
         started = time.perf_counter()
+        seq = int(self._db.query(LAST_SEQ)[0][0])
         rows = self._db.query(
             "SELECT id, label, embedding FROM entries WHERE fingerprint = ? ORDER BY id", (self.fingerprint,)
         )
@@ -354,6 +322,7 @@ class Gallery:
         state = SearchIndex.build(self.index_kind, self.dim, vectors, ids, [r[1] for r in rows], self.params)
         with self._index_lock.write():
             self._state = state
+            self._applied_seq = seq
         logger.info(
             "gallery index (%s, %s) built with %d entries in %.2fs",
             self.index_kind,
@@ -362,16 +331,89 @@ class Gallery:
             time.perf_counter() - started,
         )
 
-    def _index_update(self, change: Callable[[SearchIndex], None]) -> None:
-        """Apply a committed change to the index (under the write lock), rebuild if it asks for it, and
-        only then bump the generation: whoever sees the new number searches the new contents."""
+    def _after_commit(
+        self, seq: int, ids: np.ndarray, vectors: np.ndarray, labels: list[str], removed: list[int]
+    ) -> None:
+        """Make the index reflect this process's own committed write before the caller is answered.
+
+        The sole writer of an embedded store applies what it just wrote (no read-back); a shared store,
+        or a log with records between ours and the last applied one, is caught up from the log instead.
+        """
+        if self._db.shared or seq - self._applied_seq != len(ids) + len(removed):
+            self._catch_up_locked()
+            return
         self._set_threads()
         with self._index_lock.write():
-            change(self._state)
+            self._state.apply(ids, vectors, labels, removed)
+            self._applied_seq = seq
             rebuild = self._state.needs_rebuild()
         if rebuild:
             self._rebuild()
+            self._save_snapshot()
         self._generation += 1
+
+    def catch_up(self) -> int:
+        """Apply every change committed after :attr:`applied_seq` (any replica's); returns how many records."""
+        with self._write_lock:
+            return self._catch_up_locked()
+
+    def _catch_up_locked(self) -> int:
+        """Apply the log to the index in order (under the index write lock), rebuild if the index asks for
+        it, and only then bump the generation: whoever sees the new number searches the new contents."""
+        start, changed = self._applied_seq, False
+        self._set_threads()
+        while (batch := read_changes(self._db, self._applied_seq, self.fingerprint)) is not None:
+            if batch.rebuild:  # a re-embedding replaced every vector: start over from the rows
+                self._stale = self.pending_reembed
+                self._rebuild()
+                changed = True
+                continue
+            ids = np.array(batch.add_ids, dtype=np.int64)
+            vectors = self._decode_vectors(batch.add_blobs)
+            with self._index_lock.write():
+                changed |= self._state.apply(ids, vectors, batch.add_labels, batch.removed)
+                self._applied_seq = batch.last_seq
+                rebuild = self._state.needs_rebuild()
+            if rebuild:
+                self._rebuild()
+                self._save_snapshot()
+        if changed:
+            self._generation += 1
+        return self._applied_seq - start
+
+    def _load_index(self) -> None:
+        """The snapshot and the log after it when the snapshot fits, else a rebuild (and a new snapshot)."""
+        started = time.perf_counter()
+        loaded = index_snapshot.load(
+            self.path, self._snapshot_identity(), self.params, int(self._db.query(LAST_SEQ)[0][0])
+        )
+        if loaded is None:
+            self._rebuild()
+            self._save_snapshot()
+        else:
+            with self._index_lock.write():
+                self._state, self._applied_seq = loaded
+        replayed = self._catch_up_locked()
+        logger.info(
+            "gallery index ready in %.2fs (%s, %d changes replayed)",
+            time.perf_counter() - started,
+            "rebuilt" if loaded is None else f"snapshot at change {loaded[1]}",
+            replayed,
+        )
+
+    def _snapshot_identity(self) -> dict[str, Any]:
+        rows = self._db.query("SELECT value FROM meta WHERE key = 'gallery_id'")
+        return index_snapshot.identity(str(rows[0][0]), self.fingerprint, self.dim, self.index_kind, self.params)
+
+    def _save_snapshot(self) -> None:
+        """Persist the index with its log position; failing to is logged, never fatal (the log is the truth)."""
+        if self._stale:
+            return
+        try:
+            with self._index_lock.read():
+                index_snapshot.save(self.path, self._state, self._applied_seq, self._snapshot_identity())
+        except (OSError, RuntimeError, GalleryError) as error:
+            logger.warning("could not write the index snapshot: %s", error)
 
     # -- checks ------------------------------------------------------------------------------------------
     def _set_threads(self) -> None:
@@ -402,11 +444,3 @@ class Gallery:
         if not np.isfinite(array).all():
             raise GalleryInputError("embeddings", "vectors contain NaN or infinity")
         return normalise(array)
-
-    def _decode_vectors(self, blobs: Sequence[bytes]) -> np.ndarray:
-        if not blobs:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        joined = b"".join(blobs)
-        if len(joined) != len(blobs) * self.dim * 4:
-            raise GalleryError(f"stored embeddings are not {self.dim}-dimensional float32 vectors")
-        return np.frombuffer(joined, dtype="<f4").reshape(len(blobs), self.dim).astype(np.float32)

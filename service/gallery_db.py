@@ -12,6 +12,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,11 @@ CREATE TABLE IF NOT EXISTS images (
     entry_id INTEGER PRIMARY KEY REFERENCES entries (id) ON DELETE CASCADE,
     data BLOB NOT NULL                     -- the enrolled file, as uploaded
 );
+CREATE TABLE IF NOT EXISTS changes (       -- the log an index snapshot replays from (service.store)
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL,
+    entry_id INTEGER NOT NULL
+);
 """
 
 
@@ -63,8 +69,26 @@ def lock_folder(path: Path) -> int:
     return fd
 
 
+class SqliteTransaction:
+    """The :class:`service.store.Transaction` face of the shared connection, inside ``BEGIN IMMEDIATE``."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._db.execute(sql, args).fetchall()
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._db.executemany(sql, rows)
+
+
 class GalleryDB:
-    """One locked folder's database; every statement runs under one lock (the connection is shared)."""
+    """One locked folder's database; every statement runs under one lock (the connection is shared).
+
+    Not ``shared``: this process is its only writer, so there is no other writer's change log to follow.
+    """
+
+    shared = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -83,19 +107,25 @@ class GalleryDB:
     def init_meta(self, fingerprint: str, dim: int) -> None:
         """Check the schema version; a new gallery belongs to the model that opens it."""
         with self.transaction() as db:
-            stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            stored = dict(db.execute("SELECT key, value FROM meta"))
             if stored.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
                 raise GalleryError(f"gallery schema {stored['schema_version']} is not {SCHEMA_VERSION}")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             if "fingerprint" not in stored:
                 db.executemany("INSERT INTO meta VALUES (?, ?)", [("fingerprint", fingerprint), ("dim", str(dim))])
+            if "gallery_id" not in stored:  # names this database, so a snapshot of another one is never loaded
+                db.execute("INSERT INTO meta VALUES ('gallery_id', ?)", (uuid.uuid4().hex,))
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Nobody else writes this file: there is never a change to wait for."""
+        return False
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[SqliteTransaction]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield SqliteTransaction(self._db)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

@@ -196,6 +196,16 @@ class SearchIndex:
         index = build_index(kind, dim, vectors, ids, params)
         return cls(kind, params, index, {int(i): label for i, label in zip(ids, labels, strict=True)})
 
+    @classmethod
+    def restore(
+        cls, kind: str, params: IndexParams, index: faiss.Index, label_of: dict[int, str], tombstones: set[int]
+    ) -> SearchIndex:
+        """A snapshot read back (``service.index_snapshot``): its HNSW tombstones hidden again."""
+        state = cls(kind, params, index, label_of)
+        state.tombstones = set(tombstones)
+        state._filter = TombstoneFilter(state.tombstones) if state.tombstones else None
+        return state
+
     @property
     def live_count(self) -> int:
         """Vectors a search can return: the index's ntotal minus HNSW tombstones."""
@@ -204,6 +214,19 @@ class SearchIndex:
     def add(self, ids: np.ndarray, vectors: np.ndarray, label: str) -> None:
         self.index.add_with_ids(vectors, ids)
         self.label_of.update((int(i), label) for i in ids)
+
+    def apply(self, ids: np.ndarray, vectors: np.ndarray, labels: list[str], removed: list[int]) -> bool:
+        """Replay a stretch of the change log: idempotent, so a change applied twice (a snapshot taken while
+        it was being written, a notification after the writer's own catch-up) changes nothing. Entry ids are
+        never reused, so adding before removing is the log's own order. Returns whether anything changed."""
+        fresh = [n for n, entry_id in enumerate(ids) if int(entry_id) not in self.label_of]
+        if fresh:
+            self.index.add_with_ids(np.ascontiguousarray(vectors[fresh]), np.ascontiguousarray(ids[fresh]))
+            self.label_of.update((int(ids[n]), labels[n]) for n in fresh)
+        gone = [i for i in removed if i in self.label_of]
+        if gone:
+            self.remove(np.array(gone, dtype=np.int64))
+        return bool(fresh or gone)
 
     def remove(self, ids: np.ndarray) -> None:
         for i in ids:

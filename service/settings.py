@@ -36,7 +36,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CENTERID_", extra="ignore")
 
     bundle: Path | None = Field(None, description="bundle folder written by the training job")
-    data_dir: Path = Field(Path("data/gallery"), description="gallery folder (SQLite database)")
+    data_dir: Path = Field(
+        Path("data/gallery"), description="gallery folder (SQLite database; with a database URL: the index snapshot)"
+    )
+    database_url: str | None = Field(
+        None, description="postgresql://… : a gallery shared by several replicas (docs: README, Scale-out)"
+    )
+    database_pool_size: int = Field(4, ge=1, le=100, description="PostgreSQL connections per replica, at most")
+    follow_poll_s: float = Field(
+        1.0, gt=0, le=60, description="a replica re-reads the shared change log at least this often (seconds)"
+    )
     api_keys: str = Field("", description="comma-separated API keys; empty = no authentication")
     admin_keys: str = Field("", description="comma-separated keys required for gallery writes; empty = any API key")
     metrics_public: bool = Field(True, description="serve /metrics without a key")

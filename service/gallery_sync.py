@@ -1,0 +1,100 @@
+"""Following the change log: how a replica's FAISS index converges on what every replica committed.
+
+:func:`read_changes` turns a stretch of the log into what the index must do (vectors to add, ids to
+remove, or "rebuild"); the gallery applies it under its index lock. :class:`Follower` is the background
+thread of a replica on a shared store: it waits for a ``NOTIFY`` (promptness) or its poll interval
+(correctness, should a notification be lost) and then catches up from the last applied sequence. While
+the database is away it keeps retrying; searches meanwhile answer from the local index, which
+:attr:`Follower.in_sync` then reports as possibly stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from service.gallery_input import GalleryError
+from service.store import CHANGE_ADD, CHANGE_DELETE, CHANGE_REBUILD, Store
+
+logger = logging.getLogger("centerid.sync")
+
+REPLAY_BATCH = 5000
+REPLAY = (
+    "SELECT c.seq, c.op, c.entry_id, e.label, e.embedding, e.fingerprint FROM changes c "
+    "LEFT JOIN entries e ON e.id = c.entry_id WHERE c.seq > ? ORDER BY c.seq LIMIT ?"
+)
+
+
+@dataclass
+class ChangeBatch:
+    """One stretch of the log, as index operations. ``last_seq`` is the newest change it covers."""
+
+    last_seq: int
+    rebuild: bool = False
+    add_ids: list[int] = field(default_factory=list)
+    add_labels: list[str] = field(default_factory=list)
+    add_blobs: list[bytes] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+
+
+def read_changes(store: Store, after: int, fingerprint: str, limit: int = REPLAY_BATCH) -> ChangeBatch | None:
+    """The changes after sequence ``after`` (at most ``limit``), or None when there are none.
+
+    An add whose entry is gone by now was deleted later in the log (ids are never reused): it is skipped.
+    Vectors of another model never enter the index.
+    """
+    rows = store.query(REPLAY, (after, limit))
+    if not rows:
+        return None
+    batch = ChangeBatch(last_seq=int(rows[-1][0]))
+    for _seq, op, entry_id, label, embedding, entry_fingerprint in rows:
+        if op == CHANGE_REBUILD:
+            batch.rebuild = True
+        elif op == CHANGE_ADD and label is not None and entry_fingerprint == fingerprint:
+            batch.add_ids.append(int(entry_id))
+            batch.add_labels.append(label)
+            batch.add_blobs.append(bytes(embedding))
+        elif op == CHANGE_DELETE:
+            batch.removed.append(int(entry_id))
+    return batch
+
+
+class Follower:
+    """The thread that keeps a replica's index caught up with a shared store."""
+
+    def __init__(self, store: Store, catch_up: Callable[[], object], poll_s: float) -> None:
+        self._store = store
+        self._catch_up = catch_up
+        self._poll_s = max(poll_s, 0.05)
+        self._stopping = threading.Event()
+        self.in_sync = True  # False while the store cannot be read: answers may miss other replicas' writes
+        self._thread = threading.Thread(target=self._run, name="gallery-follower", daemon=True)
+
+    def start(self) -> Follower:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=self._poll_s + 10)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._store.wait_for_change(self._poll_s)
+                self._catch_up()
+            except GalleryError as error:
+                if self.in_sync:
+                    logger.warning("gallery store unreachable, serving the local index until it is back: %s", error)
+                self.in_sync = False
+                self._stopping.wait(min(self._poll_s, 1.0))
+                continue
+            except Exception:  # keep following: one bad stretch must not freeze the replica's index forever
+                logger.exception("applying gallery changes failed; retrying")
+                self._stopping.wait(self._poll_s)
+                continue
+            if not self.in_sync:
+                logger.info("gallery store reachable again; index caught up")
+            self.in_sync = True

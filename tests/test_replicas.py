@@ -1,0 +1,170 @@
+"""Two real API replicas (uvicorn processes) on one PostgreSQL gallery: writes on one are answered on the
+other, a ``kill -9`` mid-burst loses no acknowledged entry, a restarted replica catches up, and a database
+outage under load gives documented 503s only, never a 500 and never a lost acknowledged write."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Server, orl_bytes
+from pg_support import Outage, drop_database, fresh_database, server_url
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    url = server_url()
+    database_url = fresh_database(url)
+    yield database_url
+    drop_database(url, database_url)
+
+
+def replica(bundle: Path, folder: Path, database_url: str) -> Server:
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {
+        "CENTERID_BUNDLE": str(bundle),
+        "CENTERID_DATA_DIR": str(folder),
+        "CENTERID_DATABASE_URL": database_url,
+        "CENTERID_FOLLOW_POLL_S": "1",
+    }
+    server = Server(env, folder.parent / f"{folder.name}.log")
+    server.wait_ready()
+    return server
+
+
+def enroll(http: httpx.Client, label: str, person: int, shot: int) -> httpx.Response:
+    return http.post("/gallery", files={"files": orl_bytes(person, shot)}, data={"label": label})
+
+
+def identified(http: httpx.Client, person: int, shot: int) -> set[int]:
+    """The entry ids a replica's /identify returns for one face (k large enough to list every identity)."""
+    response = http.post("/identify", files={"image": orl_bytes(person, shot)}, data={"k": 50, "threshold": 0})
+    assert response.status_code == 200, response.text
+    return {m["entry_id"] for m in response.json()["matches"]}
+
+
+def poll(condition, timeout: float = 30.0) -> float:
+    """Seconds until ``condition()`` held; fails past ``timeout``."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, "the replicas did not converge in time"
+        threading.Event().wait(0.01)
+    return time.monotonic() - started
+
+
+def test_enroll_on_a_found_on_b_and_delete_on_b_gone_from_a(bundle_dir: Path, tmp_path: Path, database: str) -> None:
+    a = replica(bundle_dir, tmp_path / "a", database)
+    b = replica(bundle_dir, tmp_path / "b", database)
+    try:
+        with httpx.Client(base_url=a.url, timeout=30) as on_a, httpx.Client(base_url=b.url, timeout=30) as on_b:
+            for person in range(31, 36):
+                response = enroll(on_a, f"p{person}", person, 1)
+                assert response.status_code == 201, response.text
+                entry = response.json()["entries"][0]["id"]
+                assert entry in identified(on_a, person, 2)  # read-your-writes on the replica that took it
+                poll(lambda entry=entry, person=person: entry in identified(on_b, person, 2))
+                assert on_b.delete(f"/gallery/p{person}").status_code == 204
+                poll(lambda entry=entry, person=person: entry not in identified(on_a, person, 2))
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_kill_9_during_a_burst_loses_no_acknowledged_entry(bundle_dir: Path, tmp_path: Path, database: str) -> None:
+    a = replica(bundle_dir, tmp_path / "a", database)
+    b = replica(bundle_dir, tmp_path / "b", database)
+    acknowledged: list[tuple[int, int]] = []  # (entry id, person)
+    enough = threading.Event()
+
+    def burst() -> None:
+        with httpx.Client(base_url=a.url, timeout=30) as http:
+            for n in range(200):
+                person = 31 + n % 10
+                try:
+                    response = enroll(http, f"p{person}", person, 1 + n % 3)
+                except httpx.HTTPError:
+                    return  # the replica died under us: that request was never acknowledged
+                if response.status_code == 201:
+                    acknowledged.append((response.json()["entries"][0]["id"], person))
+                if len(acknowledged) >= 8:
+                    enough.set()
+
+    writer = threading.Thread(target=burst)
+    try:
+        writer.start()
+        assert enough.wait(120), "the burst never got going"
+        a.kill()  # SIGKILL in the middle of the burst
+        writer.join(60)
+        assert acknowledged
+        with httpx.Client(base_url=b.url, timeout=30) as on_b:
+            assert on_b.get("/ready").status_code == 200
+            for entry, person in acknowledged:  # stored, and B's own index has them
+                assert on_b.get(f"/gallery/p{person}").status_code == 200
+                poll(lambda entry=entry, person=person: entry in identified(on_b, person, 4))
+        a = replica(bundle_dir, tmp_path / "a", database)  # restarts from its snapshot and replays the log
+        with httpx.Client(base_url=a.url, timeout=30) as on_a:
+            for entry, person in acknowledged:
+                assert entry in identified(on_a, person, 4)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_database_outage_under_load_gives_503_only_and_loses_nothing(
+    bundle_dir: Path, tmp_path: Path, database: str
+) -> None:
+    """The outage is a TCP proxy that drops every connection and refuses new ones (what a PostgreSQL restart
+    looks like to a client), restored once refusals were seen; A must reconnect by itself."""
+    outage = Outage(database)
+    a = replica(bundle_dir, tmp_path / "a", outage.url)
+    statuses: list[tuple[str, int, str]] = []
+    acknowledged: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=a.url, timeout=60) as http:
+            n = 0
+            while not stop.is_set():
+                person = 31 + n % 10
+                response = enroll(http, f"p{person}", person, 1)
+                code = response.json()["error"]["code"] if response.status_code >= 400 else ""
+                statuses.append(("enroll", response.status_code, code))
+                if response.status_code == 201:
+                    acknowledged.append((response.json()["entries"][0]["id"], person))
+                search = http.post("/identify", files={"image": orl_bytes(person, 2)}, data={"threshold": 0})
+                statuses.append(("identify", search.status_code, ""))
+                n += 1
+
+    worker = threading.Thread(target=load)
+    try:
+        worker.start()
+        poll(lambda: len(acknowledged) >= 3, timeout=120)
+        outage.cut()
+        poll(lambda: any(s[1] == 503 for s in statuses), timeout=120)
+        refused_at = len(statuses)
+        outage.restore()
+        poll(lambda: any(s[1] == 201 for s in statuses[refused_at:]), timeout=120)  # reconnected by itself
+        stop.set()
+        worker.join(120)
+        assert {(kind, status, code) for kind, status, code in statuses} <= {
+            ("enroll", 201, ""),
+            ("enroll", 503, "store_unavailable"),
+            ("identify", 200, ""),
+        }, sorted(set(statuses))
+        b = replica(bundle_dir, tmp_path / "b", database)  # a fresh replica sees every acknowledged entry
+        try:
+            with httpx.Client(base_url=b.url, timeout=30) as on_b:
+                for entry, person in acknowledged:
+                    assert entry in identified(on_b, person, 2)
+        finally:
+            b.stop()
+    finally:
+        stop.set()
+        a.stop()
+        outage.close()
