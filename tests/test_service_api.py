@@ -165,6 +165,7 @@ def test_info_reports_bundle_threshold_and_gallery(client: TestClient, faces: Fa
 
 def test_threshold_setting_overrides_the_bundle(bundle_dir: Path, faces: Faces, tmp_path: Path) -> None:
     with TestClient(create_app(service_settings(bundle_dir, tmp_path, threshold=-1.0))) as client:
+        wait_ready(lambda: client.get("/ready").status_code)
         info = client.get("/info").json()
         assert info["threshold"] == {"value": -1.0, "source": "settings", "calibrated": None, "warnings": []} | {
             k: None for k in ("target_far", "far", "tar")

@@ -200,6 +200,7 @@ def test_exif_rotated_upload_embeds_like_the_upright_image(limited: TestClient) 
 def test_unexpected_errors_are_a_generic_500(bundle_dir: Path, tmp_path: Path) -> None:
     app = create_app(service_settings(bundle_dir, tmp_path))
     with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(lambda: client.get("/ready").status_code)  # readiness follows the lifespan in the background
 
         def explode(*_: object) -> None:
             raise RuntimeError(f"disk on fire at {tmp_path}/secret.sqlite3")
