@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=int, default=2, help="runs at once (each one torch thread)")
     run.add_argument("--center-weight", type=float, default=0.003, help="heads phase: λ of the +center rows")
     run.add_argument("--center-alpha", type=float, default=0.5, help="heads phase: α of the +center rows")
+    run.add_argument("--margin-heads-only", action="store_true", help="heads phase: leave the softmax rows out")
     score = sub.add_parser("score", help="score one bundle on GLYPHS/unseen (used by run)")
     score.add_argument("--bundle", type=Path, required=True)
     score.add_argument("--data", type=Path, required=True)
@@ -151,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         points = lambda_points(args.seeds)
     else:
         points = head_points(args.seeds, args.center_weight, args.center_alpha)
+        if args.margin_heads_only:  # the softmax rows are the lambda phase's runs, perhaps still running there
+            points = [point for point in points if point[0] != "softmax"]
     print(f"$ {display_command(['python', '-m', 'bench.center_grid', *(argv or sys.argv[1:])])}: {len(points)} runs")
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for path in pool.map(lambda point: run_point(args.data, args.out, point), points):

@@ -116,7 +116,8 @@ def cached_step(argv: Sequence[str], output: Path) -> tuple[float, bool]:
         previous = json.loads(stamp.read_text())
         if previous.get("command") == command:
             print(
-                f"$ {command}\n  reused {output.relative_to(ROOT)} ({previous['wall_s']:.1f}s when it ran)", flush=True
+                f"$ {command}\n  reused {display_command([str(output)])} ({previous['wall_s']:.1f}s when it ran)",
+                flush=True,
             )
             return float(previous["wall_s"]), True
     wall = run_step(argv, output.parent / f"{output.name}.log")
