@@ -45,6 +45,16 @@ COPY service/ service/
 RUN --mount=type=bind,source=wheels,target=/wheels \
     pip install -c /tmp/constraints.txt --no-deps .
 
+# What the runtime never reads (~160 MB): pip/setuptools (nothing installs at run time; the image is rebuilt
+# instead), torch's C++ headers and CMake files (only for compiling extensions or torch.compile's C++ code,
+# which also needs a compiler the slim image does not have), the packages' own test suites, and onnx's
+# backend test data (the export imports only `onnx` itself).
+RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    && python -m pip uninstall -y -q pip setuptools wheel \
+    && rm -rf "${site}/torch/include" "${site}/torch/share/cmake" "${site}/onnx/backend/test" \
+    && find "${site}" -type d -name tests -prune -exec rm -rf {} + \
+    && python -c "import torch, onnx, onnxruntime, faiss, psycopg, psycopg_pool, matplotlib, service.app, training.train"
+
 # ---------------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
