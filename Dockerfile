@@ -45,6 +45,18 @@ COPY service/ service/
 RUN --mount=type=bind,source=wheels,target=/wheels \
     pip install -c /tmp/constraints.txt --no-deps .
 
+# What the runtime never reads (~140 MB): pip/setuptools (nothing installs at run time; the image is rebuilt
+# instead), torch's C++ headers and CMake files (only for compiling extensions or torch.compile's C++ code,
+# which also needs a compiler the slim image does not have), the packages' own test suites, and onnx's
+# backend test data (the export imports only `onnx` itself). deploy/image_check.py then imports every module
+# of the installed packages and runs the ONNX export + ONNX Runtime route: a wrong deletion fails the build.
+COPY deploy/image_check.py deploy/
+RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    && python -m pip uninstall -y -q pip setuptools wheel \
+    && rm -rf "${site}/torch/include" "${site}/torch/share/cmake" "${site}/onnx/backend/test" \
+    && find "${site}" -type d -name tests -prune -exec rm -rf {} + \
+    && python deploy/image_check.py
+
 # ---------------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

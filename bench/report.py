@@ -33,6 +33,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Training job", "docs/benchmarks_training.md", ()),
     ("Open-set error rates (glyphs)", "docs/benchmarks_open_set.md", ()),  # its tables are in the doc itself
     ("Scale-out", "docs/benchmarks_scale.md", ("bench/results/raw/scale_out.json",)),
+    ("Docker deployment", "docs/benchmarks_deploy.md", ()),  # docker-local runs; commands in the doc
 )  # fmt: skip
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 

@@ -188,3 +188,85 @@ def test_dockerignore_keeps_state_and_caches_out() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     assert re.search(r"^make test$", (ROOT / ".ci/run").read_text(), re.M)
     assert "make test" in (ROOT / "README.md").read_text()
+
+
+# -- the scale profile (docker compose --profile scale): PostgreSQL, N replicas, nginx ------------------------
+def environment(service: str) -> dict[str, str]:
+    return {name: defaults(value) for name, value in children(path(service, "environment")).items()}
+
+
+def mounts(service: str) -> set[str]:
+    return {line.strip() for line in path(service, "volumes").splitlines() if line.strip()}
+
+
+def nginx_directive(conf: str, name: str) -> str:
+    (value,) = re.findall(rf"^\s*{name}\s+([^;{{}}#]+);", conf, re.M)
+    return value.strip()
+
+
+def seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m)?", value).groups()  # type: ignore[union-attr]
+    return int(number) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[unit]
+
+
+def test_scale_postgres_has_a_pg_isready_healthcheck_and_a_named_volume(compose: str, services: dict[str, str]) -> None:
+    postgres = services["postgres"]
+    assert flow_list(path(postgres, "profiles")) == ["scale"] and path(postgres, "image") == "postgres:15"
+    env = environment(postgres)
+    test = flow_list(path(postgres, "healthcheck", "test"))
+    assert test == ["CMD-SHELL", f"pg_isready -U {env['POSTGRES_USER']} -d {env['POSTGRES_DB']}"]
+    assert "- pgdata:/var/lib/postgresql/data" in mounts(postgres)
+    assert "pgdata" in children(children(compose)["volumes"])
+
+
+def test_scale_replicas_share_the_database_and_are_reached_only_through_nginx(
+    services: dict[str, str], dockerfile: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from urllib.parse import urlsplit
+
+    from service.server import check_exposure
+    from service.settings import Settings
+
+    replica, postgres = services["replica"], services["postgres"]
+    assert flow_list(path(replica, "profiles")) == ["scale"] and path(replica, "image") == "centerid:latest"
+    assert int(defaults(path(replica, "deploy", "replicas"))) >= 2
+    assert path(replica, "depends_on", "postgres", "condition") == "service_healthy"
+    assert path(replica, "depends_on", "init", "condition") == "service_completed_successfully"  # the bundle
+    assert "ports" not in children(replica)
+    assert "- bundles:/bundles:ro" in mounts(replica)
+    env, db = environment(replica), environment(postgres)
+    url = urlsplit(env["CENTERID_DATABASE_URL"])
+    assert (url.scheme, url.hostname, url.port) == ("postgresql", "postgres", 5432)
+    assert (url.username, url.password, url.path) == (
+        db["POSTGRES_USER"],
+        db["POSTGRES_PASSWORD"],
+        f"/{db['POSTGRES_DB']}",
+    )
+    for name in [n for n in os.environ if n.startswith("CENTERID_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**dockerfile_env(dockerfile), **env}.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()  # what a replica reads at start: it must pass the exposure check, or it exits
+    assert settings.database_url == env["CENTERID_DATABASE_URL"]
+    check_exposure(settings)
+
+
+def test_scale_nginx_balances_every_replica_within_the_api_limits(services: dict[str, str]) -> None:
+    from service.settings import Settings
+
+    lb = services["lb"]
+    assert flow_list(path(lb, "profiles")) == ["scale"] and path(lb, "image") == "nginx:1.22"
+    assert path(lb, "depends_on", "replica", "condition") == "service_healthy"
+    published = re.fullmatch(r'- "127\.0\.0\.1:\$\{CENTERID_SCALE_PORT:-8080\}:(\d+)"', path(lb, "ports").strip())
+    assert published, "the load balancer is published on 127.0.0.1 only"
+    assert "- ./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in mounts(lb)
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert nginx_directive(conf, "listen") == published.group(1)
+    server = nginx_directive(conf, "server").split()
+    assert server[0] == f"replica:{Settings().port}"  # the compose service name: one address per replica
+    defaults_ = Settings()
+    assert seconds(nginx_directive(conf, "proxy_read_timeout")) > defaults_.request_timeout_s  # the API's 503 first
+    body = re.fullmatch(r"(\d+)m", nginx_directive(conf, "client_max_body_size"))
+    assert body and int(body.group(1)) * 2**20 > defaults_.max_body_bytes  # the API's own 413 answers, not nginx
+    assert "non_idempotent" not in nginx_directive(conf, "proxy_next_upstream")  # an enrollment is never sent twice
+    assert "upstream=$upstream_addr" in conf and re.search(r"^\s*access_log /dev/stdout upstream;", conf, re.M)
