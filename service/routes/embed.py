@@ -12,12 +12,12 @@ from service.routes.common import (
     embed_uploads,
     face_out,
     field_names,
+    key_required,
     ready_state,
-    require_key,
 )
 from service.schemas import EmbeddedFace, EmbedResponse, errors
 
-router = APIRouter(tags=["embeddings"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["embeddings"], dependencies=[Depends(key_required)])
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=errors(400, 413, 415, 422))
