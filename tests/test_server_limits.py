@@ -237,11 +237,11 @@ def test_oversized_header_is_refused_sent_at_once_or_trickled(bundle_dir: Path, 
             answer = b""
             while chunk := sock.recv(4096):  # until the server closes the connection
                 answer += chunk
-            assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ")), answer
+            assert answer.startswith(b"HTTP/1.1 431 "), answer
         trickler = Trickler(server.port, pace_s=0.01)  # 11 bytes a line: past 2048 bytes in ≈ 2 s
         try:
             wait_for(trickler.closed.is_set, "the trickled oversized header closed")
-            assert trickler.answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ")), trickler.answer
+            assert trickler.answer.startswith(b"HTTP/1.1 431 "), trickler.answer
         finally:
             trickler.close()
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
