@@ -3,8 +3,8 @@
     python -m bench.serve_load                       # ≈ 2-3 min on 2 cores
     python -m bench.serve_load --requests 1000 --concurrency 1 8 32 64 128 --max-seconds 60
 
-Starts ``python -m service`` (the deployed server) on 127.0.0.1 (a free port) with a bundle of the training job's default
-face network (random weights unless ``--bundle``: speed does not depend on the weights), enrolls a small
+Starts ``python -m service`` (the deployed server) on 127.0.0.1 (a free port) with a bundle of the training
+job's default face network (random weights unless ``--bundle``: speed does not depend on the weights), enrolls a small
 gallery, then drives ``/embed`` (one image) and ``/identify`` with a bounded async load generator (a fixed
 number of requests per concurrency level, with a time cap). Per inference backend (``--backends``,
 ``CENTERID_BACKEND``) one server batches and one runs with ``CENTERID_MAX_BATCH=1`` — the naive
@@ -136,8 +136,8 @@ class Server:
             "CENTERID_MAX_BATCH": str(max_batch),
             "CENTERID_MAX_WAIT_MS": str(args.max_wait_ms),
             "CENTERID_LOG_LEVEL": "warning",
-            "CENTERID_HTTP": args.http,
-            "CENTERID_LOOP": args.loop,
+            "CENTERID_HTTP": getattr(args, "http", "auto"),  # other benches pass their own arguments
+            "CENTERID_LOOP": getattr(args, "loop", "auto"),
         }
         if args.torch_threads:
             env["CENTERID_TORCH_THREADS"] = str(args.torch_threads)
