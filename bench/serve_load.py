@@ -3,8 +3,8 @@
     python -m bench.serve_load                       # ≈ 2-3 min on 2 cores
     python -m bench.serve_load --requests 1000 --concurrency 1 8 32 64 128 --max-seconds 60
 
-Starts ``uvicorn service.app:app`` on 127.0.0.1 (a free port) with a bundle of the training job's default
-face network (random weights unless ``--bundle``: speed does not depend on the weights), enrolls a small
+Starts ``python -m service`` (the deployed server) on 127.0.0.1 (a free port) with a bundle of the training
+job's default face network (random weights unless ``--bundle``: speed does not depend on the weights), enrolls a small
 gallery, then drives ``/embed`` (one image) and ``/identify`` with a bounded async load generator (a fixed
 number of requests per concurrency level, with a time cap). Per inference backend (``--backends``,
 ``CENTERID_BACKEND``) one server batches and one runs with ``CENTERID_MAX_BATCH=1`` — the naive
@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="httpx",
         help="httpx.AsyncClient, or prebuilt requests on raw keep-alive sockets (less CPU per request)",
     )
+    p.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto", help="servers' CENTERID_HTTP")
+    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="servers' CENTERID_LOOP")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -134,13 +136,14 @@ class Server:
             "CENTERID_MAX_BATCH": str(max_batch),
             "CENTERID_MAX_WAIT_MS": str(args.max_wait_ms),
             "CENTERID_LOG_LEVEL": "warning",
+            "CENTERID_HTTP": getattr(args, "http", "auto"),  # other benches pass their own arguments
+            "CENTERID_LOOP": getattr(args, "loop", "auto"),
         }
         if args.torch_threads:
             env["CENTERID_TORCH_THREADS"] = str(args.torch_threads)
         env.update(extra_env or {})
-        port = self.url.rsplit(":", 1)[1]
-        command = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", port]
-        command += ["--log-level", "warning", "--no-access-log"]
+        env.update({"CENTERID_HOST": "127.0.0.1", "CENTERID_PORT": self.url.rsplit(":", 1)[1]})
+        command = [sys.executable, "-m", "service"]  # the hardened server, as deployed
         self.log = log
         with log.open("ab") as sink:
             self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -382,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = load_bundle(bundle).metadata
         threads = args.torch_threads or max(1, available_cores() - 1)
         print(f"model: {meta['arch']['name']} {meta['arch']['kwargs']}; server torch threads: {threads}", flush=True)
+        print(f"servers: python -m service, CENTERID_HTTP={args.http}, CENTERID_LOOP={args.loop}", flush=True)
         load_before = os.getloadavg()
         print(f"load average before: {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}", flush=True)
         cache = work / "model-cache"

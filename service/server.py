@@ -2,7 +2,7 @@
 
 Uvicorn bounds keep-alive idling, header size and (optionally) concurrency, but a client that trickles its
 request header or body a byte at a time holds a connection, and a file descriptor, forever; enough of them
-exhaust the descriptor limit and lock every other client out. :class:`GuardedH11Protocol` adds:
+exhaust the descriptor limit and lock every other client out. :class:`ConnectionGuard` adds:
 
 - a header deadline (``CENTERID_HEADER_TIMEOUT_S``): the whole request header must arrive within it,
   counted from the connection (or, on keep-alive, from the request's first byte); else 408 and close;
@@ -12,14 +12,16 @@ exhaust the descriptor limit and lock every other client out. :class:`GuardedH11
   connection that has waited longest for a request header (a trickler, or an idle keep-alive) is closed to
   make room; when none is waiting, the new connection is closed at once instead of queueing.
 
-The protocol is uvicorn's h11 one (used whether or not httptools is installed), subclassed through its
-``connection_made`` / ``data_received`` / ``on_response_complete`` / ``connection_lost`` hooks, which have
-been stable since uvicorn 0.30.
+It is mixed into both of uvicorn's HTTP/1.1 protocols: httptools (``CENTERID_HTTP=auto`` picks it when
+installed: its C parser costs less CPU per request) and h11 (the fallback), through their
+``connection_made`` / ``data_received`` / parser-event / ``on_response_complete`` / ``connection_lost``
+hooks, stable since uvicorn 0.30. The event loop is uvloop when installed (``CENTERID_LOOP``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ipaddress
 import logging
 import resource
@@ -32,12 +34,20 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is not installed: h11 serves
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
 from service.settings import Settings
 
 logger = logging.getLogger("centerid.server")
 
 Phase = Literal["header", "body", "app", "idle"]
 TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+HEADER_TOO_LARGE_RESPONSE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+)
 FD_RESERVE = 64  # descriptors kept for the database, the model files, logs and the listening socket
 REPORT_EVERY_S = 10.0  # closed connections are logged as one summary line per interval, never one per client
 
@@ -51,6 +61,7 @@ class ConnectionLimits:
     header_timeout_s: float
     body_timeout_s: float
     max_connections: int
+    max_header_bytes: int = 16384
 
 
 class ClosedConnections:
@@ -72,17 +83,26 @@ class ClosedConnections:
             self._last_report = now
 
 
-class GuardedH11Protocol(H11Protocol):
-    """Uvicorn's h11 protocol with header/body deadlines and a connection cap (see the module docstring)."""
+class ConnectionGuard:
+    """Header/body deadlines and the connection cap, shared by both HTTP protocols (see the module docstring).
 
+    Mixed in before uvicorn's protocol class; a subclass tells it which phase the client is in through
+    :meth:`_enter` from the parser's own events."""
+
+    parser_name: ClassVar[str]
     limits: ClassVar[ConnectionLimits]
     closed: ClassVar[ClosedConnections]
-    waiting: ClassVar[dict[GuardedH11Protocol, None]]  # connections waiting for a request header, oldest first
+    waiting: ClassVar[dict[ConnectionGuard, None]]  # connections waiting for a request header, oldest first
+    connections: set[Any]
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    flow: Any
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         self._phase: Phase = "app"  # not waiting (nor evictable) until admitted below
         self._deadline: asyncio.TimerHandle | None = None
-        super().connection_made(transport)
+        self._header_bytes = 0
+        super().connection_made(transport)  # type: ignore[misc]
         if len(self.connections) > self.limits.max_connections and not self._make_room():
             self._close("over the connection cap")
             return
@@ -91,29 +111,25 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._phase == "idle":  # the first byte of the next keep-alive request starts its header deadline
             self._enter("header")
-        super().data_received(data)
-        self._follow_request()
+        if self._phase == "header" and self._header_too_large(data):
+            self.transport.write(HEADER_TOO_LARGE_RESPONSE)
+            self._close("header too large")
+            return
+        super().data_received(data)  # type: ignore[misc]
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._follow_request(after_response=True)
+    def _header_too_large(self, data: bytes) -> bool:
+        """Bytes of this request's header received so far, up to its end when it is in ``data``, past the
+        limit. Neither parser bounds a header that arrives whole in one read (h11 bounds incomplete ones)."""
+        earlier = self._header_bytes
+        self._header_bytes += len(data)
+        if self._header_bytes <= self.limits.max_header_bytes:
+            return False
+        end = data.find(b"\r\n\r\n")
+        return earlier + (end if end >= 0 else len(data)) > self.limits.max_header_bytes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._enter("app")
-        super().connection_lost(exc)
-
-    # -- phases ----------------------------------------------------------------------------------------
-    def _follow_request(self, after_response: bool = False) -> None:
-        """Move to the phase h11 says the client is in: still sending the header, the body, or done."""
-        if self.transport.is_closing():
-            return
-        state = self.conn.their_state
-        if state is h11.SEND_BODY:
-            self._enter("body")
-        elif state is h11.IDLE:
-            self._enter("idle" if after_response else "header")
-        else:  # the request is complete: the app has it, and answering is the app's business
-            self._enter("app")
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _enter(self, phase: Phase) -> None:
         """Start the phase's deadline (a header deadline is not restarted by more header bytes)."""
@@ -126,6 +142,7 @@ class GuardedH11Protocol(H11Protocol):
         self.waiting.pop(self, None)
         if phase in ("header", "idle"):
             self.waiting[self] = None
+            self._header_bytes = 0
         timeout = {"header": self.limits.header_timeout_s, "body": self.limits.body_timeout_s}.get(phase)
         if timeout:
             self._deadline = self.loop.call_later(timeout, self._deadline_passed)
@@ -155,10 +172,109 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def protocol_class(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
+class GuardedH11Protocol(ConnectionGuard, H11Protocol):
+    """Uvicorn's h11 protocol, guarded; h11 also bounds an incomplete header (``h11_max_incomplete_event_size``)."""
+
+    parser_name: ClassVar[str] = "h11"
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._follow_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._follow_request(after_response=True)
+
+    def _follow_request(self, after_response: bool = False) -> None:
+        """Move to the phase h11 says the client is in: still sending the header, the body, or done."""
+        if self.transport.is_closing():
+            return
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            self._enter("body")
+        elif state is h11.IDLE:
+            self._enter("idle" if after_response else "header")
+        else:  # the request is complete: the app has it, and answering is the app's business
+            self._enter("app")
+
+
+class GuardedHttpToolsProtocol(ConnectionGuard, HttpToolsProtocol):
+    """Uvicorn's httptools protocol, guarded. The phases follow httptools' parser callbacks; httptools has no
+    header size limit of its own (it buffers an unfinished header line without bound), so it is bounded here."""
+
+    parser_name: ClassVar[str] = "httptools"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_size, self._header_refused = 0, False
+
+    def on_url(self, url: bytes) -> None:
+        self._count_header(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def _count_header(self, size: int) -> None:
+        """The parsed size, for a pipelined request (read while the previous one was answered, uncounted)."""
+        self._header_size += size
+        if self._header_size > self.limits.max_header_bytes:
+            self._header_refused = True
+            raise ValueError("request header too large")  # httptools stops; uvicorn calls send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        if self._header_refused:
+            self._refuse_header()
+        else:
+            super().send_400_response(msg)
+
+    def _refuse_header(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(HEADER_TOO_LARGE_RESPONSE)
+            self._close("header too large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_size, self._header_refused = 0, False
+        self._enter("header")
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._enter("body")  # a request without a body completes within the same parser call
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._enter("app")
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing() or self._phase in ("header", "body"):  # a pipelined request is arriving
+            return
+        answering = self.cycle is not None and not self.cycle.response_complete  # a pipelined request, started
+        self._enter("app" if answering else "idle")
+
+
+def protocol_class(limits: ConnectionLimits, http: str = "auto") -> type[ConnectionGuard]:
     """A protocol class bound to these limits (uvicorn builds one protocol object per connection)."""
     attributes: dict[str, Any] = {"limits": limits, "closed": ClosedConnections(), "waiting": {}}
-    return type("CenteridH11Protocol", (GuardedH11Protocol,), attributes)
+    base: type[ConnectionGuard] = GuardedH11Protocol
+    if http == "httptools" or (http == "auto" and HttpToolsProtocol is not None):
+        if HttpToolsProtocol is None:
+            raise StartupRefused("CENTERID_HTTP=httptools but httptools is not installed: pip install httptools")
+        base = GuardedHttpToolsProtocol
+    return type(f"Centerid{base.__name__.removeprefix('Guarded')}", (base,), attributes)
+
+
+def loop_name(loop: str) -> str:
+    """uvicorn's loop setting: uvloop when asked for (it must be installed) or installed under auto."""
+    if loop == "asyncio":
+        return "asyncio"
+    if importlib.util.find_spec("uvloop") is None:
+        if loop == "uvloop":
+            raise StartupRefused("CENTERID_LOOP=uvloop but uvloop is not installed: pip install uvloop")
+        return "asyncio"
+    return "uvloop"
 
 
 # -- configuration ---------------------------------------------------------------------------------------
@@ -205,13 +321,15 @@ def build_config(app: Any, settings: Settings) -> uvicorn.Config:
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
         max_connections=effective_max_connections(settings),
+        max_header_bytes=settings.max_header_bytes,
     )
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http=protocol_class(limits),
+        http=protocol_class(limits, settings.http),
+        loop=loop_name(settings.loop),
         timeout_keep_alive=settings.timeout_keep_alive_s,
         limit_concurrency=settings.limit_concurrency or None,
         limit_max_requests=settings.limit_max_requests or None,
@@ -225,7 +343,9 @@ def serve(app: Any, settings: Settings) -> bool:
     config = build_config(app, settings)
     limits = config.http.limits  # type: ignore[union-attr]
     logger.info(
-        "connections: at most %d (descriptor limit %d), header timeout %.0f s, body timeout %.0f s",
+        "http: %s, loop: %s; connections: at most %d (descriptor limit %d), header timeout %.0f s, body timeout %.0f s",
+        config.http.parser_name,  # type: ignore[union-attr]
+        config.loop,
         limits.max_connections,
         descriptor_limit(),
         limits.header_timeout_s,

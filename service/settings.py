@@ -129,7 +129,13 @@ class Settings(BaseSettings):
     limit_concurrency: int = Field(0, ge=0, description="answer 503 past this many connections or tasks; 0 = off")
     limit_max_requests: int = Field(0, ge=0, description="exit after this many requests (for a supervisor); 0 = off")
     backlog: int = Field(128, ge=1, description="connections the kernel queues before the server accepts them")
-    max_header_bytes: int = Field(16384, ge=1024, description="largest request header (h11 incomplete-event size)")
+    max_header_bytes: int = Field(16384, ge=1024, description="largest request header (bytes received before it ends)")
+    http: Literal["auto", "httptools", "h11"] = Field(
+        "auto", description="HTTP parser: httptools (faster) when installed under auto, else h11"
+    )
+    loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="event loop: uvloop (faster) when installed under auto, else asyncio"
+    )
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

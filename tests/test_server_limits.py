@@ -1,6 +1,7 @@
-"""``python -m service`` as a real process: slow clients are closed (header/body deadlines, connection cap)
-while a normal client keeps getting answers; secure defaults refuse to serve an open service beyond
-loopback; and the pure pieces of service/server.py."""
+"""``python -m service`` as a real process: slow clients are closed (header/body deadlines, connection cap,
+header size) while a normal client keeps getting answers, with either HTTP protocol (httptools, the default
+when installed, and h11, the fallback); secure defaults refuse to serve an open service beyond loopback; and
+the pure pieces of service/server.py."""
 
 from __future__ import annotations
 
@@ -18,10 +19,21 @@ import httpx
 import pytest
 from conftest import ROOT, free_port, wait_ready
 
-from service.server import StartupRefused, check_exposure, effective_max_connections, is_loopback
+from service.server import (
+    ConnectionLimits,
+    GuardedH11Protocol,
+    GuardedHttpToolsProtocol,
+    StartupRefused,
+    check_exposure,
+    effective_max_connections,
+    is_loopback,
+    loop_name,
+    protocol_class,
+)
 from service.settings import Settings
 
 DEADLINE_S = 60.0
+PROTOCOLS = ["httptools", "h11"]  # every guard must hold for both of uvicorn's HTTP/1.1 protocols
 
 
 class ServiceProcess:
@@ -118,6 +130,11 @@ class Trickler:
             self.sock.close()
 
 
+def assert_serves_with(server: ServiceProcess, protocol: str) -> None:
+    """The server runs the protocol the test is about (auto would hide a fallback to h11)."""
+    assert f"http: {protocol}, loop: uvloop" in server.log.read_text()
+
+
 def wait_for(condition: object, what: str, timeout: float = DEADLINE_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -127,11 +144,15 @@ def wait_for(condition: object, what: str, timeout: float = DEADLINE_S) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.slow
-def test_connection_cap_closes_tricklers_and_admits_a_normal_client(bundle_dir: Path, tmp_path: Path) -> None:
+def test_connection_cap_closes_tricklers_and_admits_a_normal_client(
+    bundle_dir: Path, tmp_path: Path, protocol: str
+) -> None:
     cap, slow = 8, 20
     # a header deadline far beyond the test: only the cap can close these connections
-    with service_process(bundle_dir, tmp_path, CENTERID_MAX_CONNECTIONS=str(cap), CENTERID_HEADER_TIMEOUT_S="600") as s:
+    env = {"CENTERID_MAX_CONNECTIONS": str(cap), "CENTERID_HEADER_TIMEOUT_S": "600", "CENTERID_HTTP": protocol}
+    with service_process(bundle_dir, tmp_path, **env) as s:
         tricklers = [Trickler(s.port, pace_s=0.2) for _ in range(slow)]
         try:
             closed = lambda: sum(t.closed.is_set() for t in tricklers)  # noqa: E731
@@ -141,14 +162,16 @@ def test_connection_cap_closes_tricklers_and_admits_a_normal_client(bundle_dir: 
                 assert http.get("/health").status_code == 200  # the cap is full of tricklers, yet it answers
             wait_for(lambda: closed() == slow - cap + 1, "one more trickler evicted for the normal client")
             assert all(t.answer == b"" for t in tricklers)  # closed without an answer: they never sent a request
+            assert_serves_with(s, protocol)
         finally:
             for trickler in tricklers:
                 trickler.close()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.slow
-def test_header_and_body_deadlines_close_slow_clients(bundle_dir: Path, tmp_path: Path) -> None:
-    env = {"CENTERID_HEADER_TIMEOUT_S": "1", "CENTERID_BODY_TIMEOUT_S": "1"}
+def test_header_and_body_deadlines_close_slow_clients(bundle_dir: Path, tmp_path: Path, protocol: str) -> None:
+    env = {"CENTERID_HEADER_TIMEOUT_S": "1", "CENTERID_BODY_TIMEOUT_S": "1", "CENTERID_HTTP": protocol}
     with service_process(bundle_dir, tmp_path, **env) as server:
         body_start = (
             b"POST /embed HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
@@ -172,23 +195,57 @@ def test_header_and_body_deadlines_close_slow_clients(bundle_dir: Path, tmp_path
                 trickler.close()
         log = server.log.read_text()
         assert "Traceback" not in log and "Too many open files" not in log
+        assert_serves_with(server, protocol)
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.slow
 def test_keep_alive_connection_serves_many_requests_within_the_header_deadline(
-    bundle_dir: Path, tmp_path: Path
+    bundle_dir: Path, tmp_path: Path, protocol: str
 ) -> None:
     """The header deadline is per request: a busy keep-alive connection is never cut by it."""
     with (
-        service_process(bundle_dir, tmp_path, CENTERID_HEADER_TIMEOUT_S="1") as server,
-        httpx.Client(base_url=server.url, timeout=10) as http,
+        service_process(bundle_dir, tmp_path, CENTERID_HEADER_TIMEOUT_S="1", CENTERID_HTTP=protocol) as server,
+        httpx.Client(base_url=server.url, timeout=10) as client,
     ):
         started = time.monotonic()
         answered = 0
         while time.monotonic() - started < 2.5 or answered < 3:  # outlives the header deadline
-            assert http.get("/health").status_code == 200
+            assert client.get("/health").status_code == 200
             answered += 1
-        assert http.get("/health", headers={"Connection": "keep-alive"}).status_code == 200
+        assert client.get("/health", headers={"Connection": "keep-alive"}).status_code == 200
+        # two pipelined requests on one connection: both answered, in order, then the connection idles
+        with socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE_S) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = b""
+            while answer.count(b"HTTP/1.1 ") < 2 or not answer.endswith(b"}"):
+                chunk = sock.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 404 " in answer
+    assert_serves_with(server, protocol)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.slow
+def test_oversized_header_is_refused_sent_at_once_or_trickled(bundle_dir: Path, tmp_path: Path, protocol: str) -> None:
+    """httptools has no header size limit of its own: the guard must bound it, sent whole or line by line."""
+    env = {"CENTERID_MAX_HEADER_BYTES": "2048", "CENTERID_HEADER_TIMEOUT_S": "600", "CENTERID_HTTP": protocol}
+    with service_process(bundle_dir, tmp_path, **env) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE_S) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(4096):  # until the server closes the connection
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 431 "), answer
+        trickler = Trickler(server.port, pace_s=0.01)  # 11 bytes a line: past 2048 bytes in ≈ 2 s
+        try:
+            wait_for(trickler.closed.is_set, "the trickled oversized header closed")
+            assert trickler.answer.startswith(b"HTTP/1.1 431 "), trickler.answer
+        finally:
+            trickler.close()
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+        assert_serves_with(server, protocol)
 
 
 def run_service_expecting_failure(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -244,6 +301,20 @@ def test_exposure_is_allowed_with_keys_or_explicit_consent() -> None:
     check_exposure(Settings(host="127.0.0.1"))
     with pytest.raises(StartupRefused, match="CENTERID_ALLOW_ANONYMOUS"):
         check_exposure(Settings(host="0.0.0.0"))
+
+
+def test_protocol_choice() -> None:
+    limits = ConnectionLimits(header_timeout_s=1, body_timeout_s=1, max_connections=8)
+    assert issubclass(protocol_class(limits, "auto"), GuardedHttpToolsProtocol)  # httptools is a dependency
+    assert issubclass(protocol_class(limits, "httptools"), GuardedHttpToolsProtocol)
+    h11_class = protocol_class(limits, "h11")
+    assert issubclass(h11_class, GuardedH11Protocol) and not issubclass(h11_class, GuardedHttpToolsProtocol)
+    assert h11_class.limits is limits and h11_class.waiting == {}
+
+
+def test_loop_choice() -> None:
+    assert loop_name("auto") == "uvloop" and loop_name("uvloop") == "uvloop"  # uvloop is a dependency
+    assert loop_name("asyncio") == "asyncio"
 
 
 def test_connection_cap_fits_the_descriptor_limit() -> None:

@@ -65,31 +65,31 @@ class ServiceState:
         return self.bundle.name if self.bundle else "unloaded"
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def get_settings(state: Annotated[ServiceState, Depends(get_state)]) -> Settings:
+async def get_settings(state: Annotated[ServiceState, Depends(get_state)]) -> Settings:
     return state.settings
 
 
-def ready_state(state: Annotated[ServiceState, Depends(get_state)]) -> ServiceState:
+async def ready_state(state: Annotated[ServiceState, Depends(get_state)]) -> ServiceState:
     if not state.ready:
         raise NotReady(f"the service is not ready: {state.status}")
     return state
 
 
-def get_bundle(state: Annotated[ServiceState, Depends(ready_state)]) -> Bundle:
+async def get_bundle(state: Annotated[ServiceState, Depends(ready_state)]) -> Bundle:
     assert state.bundle is not None
     return state.bundle
 
 
-def get_embedder(state: Annotated[ServiceState, Depends(ready_state)]) -> Embedder:
+async def get_embedder(state: Annotated[ServiceState, Depends(ready_state)]) -> Embedder:
     assert state.embedder is not None
     return state.embedder
 
 
-def get_gallery(state: Annotated[ServiceState, Depends(ready_state)]) -> Gallery:
+async def get_gallery(state: Annotated[ServiceState, Depends(ready_state)]) -> Gallery:
     assert state.gallery is not None
     return state.gallery
 
@@ -107,7 +107,7 @@ def _known(key: str, keys: tuple[str, ...]) -> bool:
     return found
 
 
-def presented_key(
+async def presented_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key)],
 ) -> str | None:
@@ -126,6 +126,14 @@ def require_key(
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     if not _known(key, settings.api_key_list + settings.admin_key_list):
         raise Unauthorized("unknown API key")
+
+
+async def key_required(
+    settings: Annotated[Settings, Depends(get_settings)], key: Annotated[str | None, Depends(presented_key)]
+) -> None:
+    """:func:`require_key` as an ``async`` dependency: FastAPI runs a plain ``def`` dependency in its threadpool,
+    and on the hot routes those hops (one per dependency per request) cost more than the checks themselves."""
+    require_key(settings, key)
 
 
 def require_admin(

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi import APIRouter, Depends, File, Response, UploadFile
 
+from service.responses import VectorJSONResponse
 from service.routes.common import (
     FacesParam,
     ServiceState,
     embed_uploads,
     face_out,
     field_names,
+    key_required,
     ready_state,
-    require_key,
 )
 from service.schemas import EmbeddedFace, EmbedResponse, errors
 
-router = APIRouter(tags=["embeddings"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["embeddings"], dependencies=[Depends(key_required)])
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=errors(400, 413, 415, 422))
@@ -25,7 +26,7 @@ async def embed(
     files: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, BMP, PGM, TIFF, WebP, GIF)")],
     state: Annotated[ServiceState, Depends(ready_state)],
     faces: FacesParam = "largest",
-) -> EmbedResponse:
+) -> Response:
     """L2-normalised embeddings, one row per file, computed by the bundle's model (batched with other requests).
 
     When the bundle aligns, each file is searched for faces first: one row per file for its largest face
@@ -35,8 +36,9 @@ async def embed(
     described = None
     if found is not None:
         described = [
-            EmbeddedFace(file=owner, **face_out(face)) for owner, face in zip(uploads.owners, found, strict=True)
+            EmbeddedFace(file=owner, **face_out(face)).model_dump(mode="json")
+            for owner, face in zip(uploads.owners, found, strict=True)
         ]
-    return EmbedResponse(
-        model=state.model_name, dim=int(vectors.shape[1]), embeddings=vectors.tolist(), faces=described
-    )
+    # EmbedResponse's fields, in its order: written from the float32 array without a list of Python floats
+    body = {"model": state.model_name, "dim": int(vectors.shape[1]), "embeddings": vectors, "faces": described}
+    return VectorJSONResponse(body)

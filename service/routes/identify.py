@@ -14,10 +14,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidParameter
 from service.operating_point import identify_point
-from service.routes.common import FacesParam, ServiceState, embed_uploads, face_out, ready_state, require_key
+from service.routes.common import FacesParam, ServiceState, embed_uploads, face_out, key_required, ready_state
 from service.schemas import FaceOut, IdentifiedFace, IdentifyMatch, IdentifyResponse, ThresholdBasis, errors
 
-router = APIRouter(tags=["recognition"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["recognition"], dependencies=[Depends(key_required)])
 
 MAX_K = 100
 

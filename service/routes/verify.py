@@ -13,10 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidParameter, NotFound
 from service.operating_point import verify_point
-from service.routes.common import ServiceState, Uploads, embed_uploads, face_out, ready_state, require_key
+from service.routes.common import ServiceState, Uploads, embed_uploads, face_out, key_required, ready_state
 from service.schemas import FaceOut, ThresholdBasis, VerifyResponse, errors
 
-router = APIRouter(tags=["recognition"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["recognition"], dependencies=[Depends(key_required)])
 
 PAIR_OR_LABEL = "give either image_a and image_b, or image and label"
 
