@@ -86,6 +86,7 @@ class Gallery(IndexUpkeep):
         self._reembed_progress: tuple[int, int] | None = None
         self._follower: Follower | None = None
         self._rebuilder = Rebuilder(self._background_rebuild)
+        self._closed = False
 
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod
@@ -134,6 +135,7 @@ class Gallery(IndexUpkeep):
             try:
                 self._save_snapshot()
             finally:
+                self._closed = True
                 self._db.close()
 
     def __enter__(self) -> Gallery:

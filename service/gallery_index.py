@@ -63,6 +63,7 @@ class IndexUpkeep(StoredRows):
     _reembed_progress: tuple[int, int] | None
     _follower: Follower | None
     _rebuilder: Rebuilder
+    _closed: bool
 
     @property
     def in_sync(self) -> bool:
@@ -72,7 +73,7 @@ class IndexUpkeep(StoredRows):
     def status(self) -> GalleryStatus:
         """Log positions (applied vs the store's newest), the background rebuild, re-embedding progress."""
         store_seq = None
-        if self.in_sync:  # a follower that cannot reach the store says so without waiting for a timeout
+        if self.in_sync and not self._closed:  # an unreachable store is known without waiting for a timeout
             try:
                 store_seq = int(self._db.query(LAST_SEQ)[0][0])
             except GalleryError:
