@@ -62,6 +62,8 @@ from service.store import CHANGE_ADD, CHANGE_DELETE, CHANGE_REBUILD, LAST_SEQ, S
 
 logger = logging.getLogger("centerid.gallery")
 
+REEMBED_POLL_S = 1.0  # a replica waiting for another one's re-embedding re-reads its progress this often
+
 
 class Gallery(IndexUpkeep):
     """Enrolled identities: ``Gallery.open(data_dir, dim, fingerprint)`` then add / search / delete."""
@@ -86,6 +88,7 @@ class Gallery(IndexUpkeep):
         self._reembed_progress: tuple[int, int] | None = None
         self._follower: Follower | None = None
         self._rebuilder = Rebuilder(self._background_rebuild)
+        self._closing = threading.Event()
         self._closed = False
 
     # -- opening -----------------------------------------------------------------------------------------
@@ -128,6 +131,7 @@ class Gallery(IndexUpkeep):
 
     def close(self) -> None:
         """Stop following and rebuilding, write a snapshot for the next start, and close the store."""
+        self._closing.set()
         if self._follower is not None:
             self._follower.stop()
         self._rebuilder.close()
@@ -239,45 +243,63 @@ class Gallery(IndexUpkeep):
         """Recompute, with the current model, every entry embedded by another one; then rebuild the index.
 
         ``embed`` maps encoded image files to N×dim embeddings. Each batch commits on its own, so an
-        interrupted run resumes where it stopped; the index is only rebuilt once no stale row remains.
+        interrupted run resumes where it stopped; the index is only rebuilt once no stale row remains. On a
+        shared store one replica does it (it holds the store's "reembed" session lock); the others wait,
+        reporting its progress, and then find nothing left but their own index to rebuild.
         """
-        done = 0
-        with self._write_lock:
-            total = self.pending_reembed
-            self._reembed_progress = (0, total) if total else None
-            while True:
-                rows = self._db.query(
-                    "SELECT e.id, i.data FROM entries e JOIN images i ON i.entry_id = e.id "
-                    "WHERE e.fingerprint != ? ORDER BY e.id LIMIT ?",
-                    (self.fingerprint, batch_size),
-                )
-                if not rows:
-                    break
-                vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
-                if len(vectors) != len(rows):
-                    raise GalleryError(f"re-embedding returned {len(vectors)} vectors for {len(rows)} images")
-                blobs = [v.astype("<f4").tobytes() for v in vectors]
-                updates = [(b, self.fingerprint, r[0]) for b, r in zip(blobs, rows, strict=True)]
+        total = self.pending_reembed
+        self._reembed_progress = (0, total) if total else None
+        lock = self._db.session_lock("reembed")
+        while not lock.try_acquire():  # another replica re-embeds: report its progress over every entry
+            everything = self.count()
+            self._note_reembed(max(everything - self.pending_reembed, 0), everything, progress)
+            if self._closing.wait(REEMBED_POLL_S):
+                raise GalleryError("the gallery closed while waiting for another replica's re-embedding")
+        try:
+            with self._write_lock:
+                done = self._reembed_rows(embed, batch_size, total, progress)
+                orphans = self.pending_reembed
+                if orphans:  # entries without an image row cannot exist (same transaction), but never mix models
+                    raise GalleryError(f"{orphans} entries have no stored image and cannot be re-embedded")
                 with self._db.transaction() as db:
-                    db.executemany("UPDATE entries SET embedding = ?, fingerprint = ? WHERE id = ?", updates)
-                done += len(rows)
-                self._reembed_progress = (done, total)
-                if progress is not None:
-                    progress(done, total)
-            orphans = self.pending_reembed
-            if orphans:  # entries without an image row cannot exist (same transaction), but never mix models
-                raise GalleryError(f"{orphans} entries have no stored image and cannot be re-embedded")
-            with self._db.transaction() as db:
-                meta = [("fingerprint", self.fingerprint), ("dim", str(self.dim))]
-                db.executemany(
-                    "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", meta
-                )
-                log_changes(db, CHANGE_REBUILD, [0])
-            self._rebuild()
-            self._stale = 0
-            self._reembed_progress = None
-            self._generation += bool(done)
+                    meta = [("fingerprint", self.fingerprint), ("dim", str(self.dim))]
+                    db.executemany(
+                        "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", meta
+                    )
+                    if done:  # the other replicas rebuild once; a replica that found nothing left says nothing
+                        log_changes(db, CHANGE_REBUILD, [0])
+                self._rebuild()
+                self._stale = 0
+                self._reembed_progress = None
+                self._generation += bool(done)
+        finally:
+            lock.release()
         return done
+
+    def _reembed_rows(
+        self, embed: Callable[[list[bytes]], np.ndarray], batch: int, total: int, progress: Callable | None
+    ) -> int:
+        done = 0
+        while rows := self._db.query(
+            "SELECT e.id, i.data FROM entries e JOIN images i ON i.entry_id = e.id "
+            "WHERE e.fingerprint != ? ORDER BY e.id LIMIT ?",
+            (self.fingerprint, batch),
+        ):
+            vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
+            if len(vectors) != len(rows):
+                raise GalleryError(f"re-embedding returned {len(vectors)} vectors for {len(rows)} images")
+            blobs = [v.astype("<f4").tobytes() for v in vectors]
+            updates = [(b, self.fingerprint, r[0]) for b, r in zip(blobs, rows, strict=True)]
+            with self._db.transaction() as db:
+                db.executemany("UPDATE entries SET embedding = ?, fingerprint = ? WHERE id = ?", updates)
+            done += len(rows)
+            self._note_reembed(done, max(total, done), progress)
+        return done
+
+    def _note_reembed(self, done: int, total: int, progress: Callable[[int, int], None] | None) -> None:
+        self._reembed_progress = (done, total)
+        if progress is not None:
+            progress(done, total)
 
     # -- reads -------------------------------------------------------------------------------------------
     def search(self, vectors: np.ndarray, k: int) -> list[list[Match]]:
