@@ -217,6 +217,8 @@ class IndexUpkeep(StoredRows):
             with self._index_lock.write():
                 self._state, self._applied_seq = loaded
         replayed = self._catch_up_locked()
+        if self._outdated:  # re-embedded since the snapshot: build from the rows now, before serving
+            self._rebuild()
         logger.info(
             "gallery index ready in %.2fs (%s, %d changes replayed)",
             time.perf_counter() - started,
