@@ -90,6 +90,7 @@ class Gallery(IndexUpkeep):
         self._rebuilder = Rebuilder(self._background_rebuild)
         self._closing = threading.Event()
         self._closed = False
+        self._snapshot_seq = 0  # the position of the snapshot this replica wrote last (log pruning stops there)
 
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod

@@ -29,6 +29,9 @@ from service.store import LAST_SEQ
 
 logger = logging.getLogger("centerid.gallery")
 
+CHANGE_LOG_KEEP = 100_000  # records kept after a snapshot: a replica further behind rebuilds instead of replaying
+PRUNED_THROUGH = "SELECT value FROM meta WHERE key = 'log_pruned_through'"
+
 
 @dataclass(frozen=True)
 class GalleryStatus:
@@ -64,6 +67,7 @@ class IndexUpkeep(StoredRows):
     _follower: Follower | None
     _rebuilder: Rebuilder
     _closed: bool
+    _snapshot_seq: int
 
     @property
     def in_sync(self) -> bool:
@@ -182,6 +186,8 @@ class IndexUpkeep(StoredRows):
         the replay: searches refuse until the background rebuild of every vector has swapped in."""
         start, changed = self._applied_seq, False
         self._set_threads()
+        if self._applied_seq < self._pruned_through():  # the log it would replay is gone: rebuild
+            self._outdated = True
         while not self._outdated and (batch := read_changes(self._db, self._applied_seq, self.fingerprint)):
             if batch.rebuild:  # a re-embedding replaced every vector: the index must start over from the rows
                 self._stale = self.pending_reembed
@@ -207,15 +213,15 @@ class IndexUpkeep(StoredRows):
     def _load_index(self) -> None:
         """The snapshot and the log after it when the snapshot fits, else a rebuild (and a new snapshot)."""
         started = time.perf_counter()
-        loaded = index_snapshot.load(
-            self.path, self._snapshot_identity(), self.params, int(self._db.query(LAST_SEQ)[0][0])
-        )
+        newest, pruned = int(self._db.query(LAST_SEQ)[0][0]), self._pruned_through()
+        loaded = index_snapshot.load(self.path, self._snapshot_identity(), self.params, newest, pruned)
         if loaded is None:
             self._rebuild()
             self._save_snapshot()
         else:
             with self._index_lock.write():
                 self._state, self._applied_seq = loaded
+            self._snapshot_seq = loaded[1]
         replayed = self._catch_up_locked()
         if self._outdated:  # re-embedded since the snapshot: build from the rows now, before serving
             self._rebuild()
@@ -236,9 +242,42 @@ class IndexUpkeep(StoredRows):
             return
         try:
             with self._index_lock.read():
-                index_snapshot.save(self.path, self._state, self._applied_seq, self._snapshot_identity())
+                seq = self._applied_seq
+                index_snapshot.save(self.path, self._state, seq, self._snapshot_identity())
+            self._snapshot_seq = seq
+            self.prune_change_log(CHANGE_LOG_KEEP)
         except (OSError, RuntimeError, GalleryError) as error:
-            logger.warning("could not write the index snapshot: %s", error)
+            logger.warning("could not write the index snapshot or prune the change log: %s", error)
+
+    def prune_change_log(self, keep: int) -> int:
+        """Delete the change-log records before both the newest ``keep`` and this replica's snapshot.
+
+        The horizon is recorded (``meta.log_pruned_through``): a replica or snapshot positioned before it
+        can no longer replay, notices, and rebuilds from the rows instead, so pruning costs a laggard a
+        rebuild, never an entry. The newest record always stays (the log's position is its maximum).
+        Returns how many records were deleted.
+        """
+        keep = max(int(keep), 1)
+        with self._write_lock, self._db.transaction() as db:
+            newest = int(db.execute(LAST_SEQ)[0][0])
+            horizon = min(newest - keep, self._snapshot_seq)
+            pruned = db.execute(PRUNED_THROUGH)
+            if horizon <= (int(pruned[0][0]) if pruned else 0):
+                return 0
+            count = int(db.execute("SELECT COUNT(*) FROM changes WHERE seq <= ?", (horizon,))[0][0])
+            db.execute("DELETE FROM changes WHERE seq <= ?", (horizon,))
+            db.execute(
+                "INSERT INTO meta VALUES ('log_pruned_through', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(horizon),),
+            )
+        if count:
+            logger.info("change log pruned through record %d (%d records)", horizon, count)
+        return count
+
+    def _pruned_through(self) -> int:
+        rows = self._db.query(PRUNED_THROUGH)
+        return int(rows[0][0]) if rows else 0
 
     def _set_threads(self) -> None:
         if self.threads:  # OpenMP thread counts are per calling thread
