@@ -342,7 +342,10 @@ class Gallery(IndexUpkeep):
                 "call reembed() before adding or searching"
             )
         if self._outdated:
-            raise GalleryStale("the gallery was re-embedded for a new model; its index is being rebuilt")
+            raise GalleryStale(
+                "the index is being rebuilt from the store (re-embedded for a new model, or too far behind the "
+                "change log)"
+            )
 
     def _prepare_queries(self, vectors: np.ndarray, k: int) -> np.ndarray:
         if k < 1:

@@ -107,7 +107,7 @@ class IndexUpkeep(StoredRows):
 
         Returns False without building when the index no longer needs it (a coalesced request that the
         rebuild just swapped in already covered). A re-embedding committed during the build makes the new
-        index useless: it is built again.
+        index useless, and so does a change log pruned past its position: it is built again.
         """
         if not self._wants_rebuild(kind):
             return False
@@ -123,7 +123,7 @@ class IndexUpkeep(StoredRows):
                 continue
             with self._write_lock:  # the rest: nothing commits on this replica meanwhile
                 caught_up = replay(self._db, state, caught_up, self.fingerprint, self._decode_vectors)
-                if caught_up is None:
+                if caught_up is None or seq < self._pruned_through():  # re-embedded, or pruned past the build
                     continue
                 self._rebuilder.raise_if_closing(kind)
                 self._swap(state, caught_up)
