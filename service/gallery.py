@@ -11,7 +11,9 @@ catches up right after its commit (read-your-writes), other replicas when notifi
 (``service.index_snapshot``), and is rebuilt from the stored vectors only when there is no usable one.
 
 Writes are serialised by one lock; the index is guarded by a readers-writer lock, so concurrent searches
-run in parallel but never see an index in the middle of an update. Embeddings of two models never mix:
+run in parallel but never see an index in the middle of an update. HNSW compaction, IVF retraining and the
+rebuild after another replica's re-embedding run on a background thread (``service.gallery_rebuild``)
+and swap in atomically: no request waits for one. Embeddings of two models never mix:
 rows of another model's fingerprint stay out of the index until :meth:`Gallery.reembed` has recomputed
 them. :attr:`Gallery.generation` counts committed changes, for whatever must refresh when they happen.
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,8 +31,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from service import index_snapshot
 from service.gallery_db import DB_FILE as DB_FILE  # `X as X`: re-exported, callers import it from here
+from service.gallery_index import GalleryStatus as GalleryStatus  # re-exported for callers
+from service.gallery_index import IndexUpkeep
 from service.gallery_input import (
     GalleryError,
     GalleryInputError,
@@ -41,8 +43,9 @@ from service.gallery_input import (
     metadata_list,
     validate_label,
 )
-from service.gallery_rows import Entry, StoredRows, placeholders
-from service.gallery_sync import Follower, read_changes
+from service.gallery_rebuild import Rebuilder
+from service.gallery_rows import Entry, placeholders
+from service.gallery_sync import Follower
 from service.index import (
     INDEX_KINDS,
     IndexParams,
@@ -59,8 +62,10 @@ from service.store import CHANGE_ADD, CHANGE_DELETE, CHANGE_REBUILD, LAST_SEQ, S
 
 logger = logging.getLogger("centerid.gallery")
 
+REEMBED_POLL_S = 1.0  # a replica waiting for another one's re-embedding re-reads its progress this often
 
-class Gallery(StoredRows):
+
+class Gallery(IndexUpkeep):
     """Enrolled identities: ``Gallery.open(data_dir, dim, fingerprint)`` then add / search / delete."""
 
     def __init__(
@@ -79,7 +84,13 @@ class Gallery(StoredRows):
         self._stale = 0  # entries of another model: searches and adds refuse until reembed() clears it
         self._generation = 0
         self._applied_seq = 0  # the newest change-log record the index reflects
+        self._outdated = False  # another replica re-embedded: the index is of the old model until rebuilt
+        self._reembed_progress: tuple[int, int] | None = None
         self._follower: Follower | None = None
+        self._rebuilder = Rebuilder(self._background_rebuild)
+        self._closing = threading.Event()
+        self._closed = False
+        self._snapshot_seq = 0  # the position of the snapshot this replica wrote last (log pruning stops there)
 
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod
@@ -120,13 +131,16 @@ class Gallery(StoredRows):
         return gallery
 
     def close(self) -> None:
-        """Stop following, write a snapshot for the next start, and close the store."""
+        """Stop following and rebuilding, write a snapshot for the next start, and close the store."""
+        self._closing.set()
         if self._follower is not None:
             self._follower.stop()
+        self._rebuilder.close()
         with self._write_lock:
             try:
                 self._save_snapshot()
             finally:
+                self._closed = True
                 self._db.close()
 
     def __enter__(self) -> Gallery:
@@ -145,11 +159,6 @@ class Gallery(StoredRows):
     def applied_seq(self) -> int:
         """The newest change-log sequence number the index reflects."""
         return self._applied_seq
-
-    @property
-    def in_sync(self) -> bool:
-        """False while a replica cannot reach its shared store: searches may miss other replicas' writes."""
-        return self._follower is None or self._follower.in_sync
 
     @property
     def size(self) -> int:
@@ -235,42 +244,63 @@ class Gallery(StoredRows):
         """Recompute, with the current model, every entry embedded by another one; then rebuild the index.
 
         ``embed`` maps encoded image files to N×dim embeddings. Each batch commits on its own, so an
-        interrupted run resumes where it stopped; the index is only rebuilt once no stale row remains.
+        interrupted run resumes where it stopped; the index is only rebuilt once no stale row remains. On a
+        shared store one replica does it (it holds the store's "reembed" session lock); the others wait,
+        reporting its progress, and then find nothing left but their own index to rebuild.
         """
-        done = 0
-        with self._write_lock:
-            total = self.pending_reembed
-            while True:
-                rows = self._db.query(
-                    "SELECT e.id, i.data FROM entries e JOIN images i ON i.entry_id = e.id "
-                    "WHERE e.fingerprint != ? ORDER BY e.id LIMIT ?",
-                    (self.fingerprint, batch_size),
-                )
-                if not rows:
-                    break
-                vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
-                if len(vectors) != len(rows):
-                    raise GalleryError(f"re-embedding returned {len(vectors)} vectors for {len(rows)} images")
-                blobs = [v.astype("<f4").tobytes() for v in vectors]
-                updates = [(b, self.fingerprint, r[0]) for b, r in zip(blobs, rows, strict=True)]
+        total = self.pending_reembed
+        self._reembed_progress = (0, total) if total else None
+        lock = self._db.session_lock("reembed")
+        while not lock.try_acquire():  # another replica re-embeds: report its progress over every entry
+            everything = self.count()
+            self._note_reembed(max(everything - self.pending_reembed, 0), everything, progress)
+            if self._closing.wait(REEMBED_POLL_S):
+                raise GalleryError("the gallery closed while waiting for another replica's re-embedding")
+        try:
+            with self._write_lock:
+                done = self._reembed_rows(embed, batch_size, total, progress)
+                orphans = self.pending_reembed
+                if orphans:  # entries without an image row cannot exist (same transaction), but never mix models
+                    raise GalleryError(f"{orphans} entries have no stored image and cannot be re-embedded")
                 with self._db.transaction() as db:
-                    db.executemany("UPDATE entries SET embedding = ?, fingerprint = ? WHERE id = ?", updates)
-                done += len(rows)
-                if progress is not None:
-                    progress(done, total)
-            orphans = self.pending_reembed
-            if orphans:  # entries without an image row cannot exist (same transaction), but never mix models
-                raise GalleryError(f"{orphans} entries have no stored image and cannot be re-embedded")
-            with self._db.transaction() as db:
-                meta = [("fingerprint", self.fingerprint), ("dim", str(self.dim))]
-                db.executemany(
-                    "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", meta
-                )
-                log_changes(db, CHANGE_REBUILD, [0])
-            self._rebuild()
-            self._stale = 0
-            self._generation += bool(done)
+                    meta = [("fingerprint", self.fingerprint), ("dim", str(self.dim))]
+                    db.executemany(
+                        "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", meta
+                    )
+                    if done:  # the other replicas rebuild once; a replica that found nothing left says nothing
+                        log_changes(db, CHANGE_REBUILD, [0])
+                self._rebuild()
+                self._stale = 0
+                self._reembed_progress = None
+                self._generation += bool(done)
+        finally:
+            lock.release()
         return done
+
+    def _reembed_rows(
+        self, embed: Callable[[list[bytes]], np.ndarray], batch: int, total: int, progress: Callable | None
+    ) -> int:
+        done = 0
+        while rows := self._db.query(
+            "SELECT e.id, i.data FROM entries e JOIN images i ON i.entry_id = e.id "
+            "WHERE e.fingerprint != ? ORDER BY e.id LIMIT ?",
+            (self.fingerprint, batch),
+        ):
+            vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
+            if len(vectors) != len(rows):
+                raise GalleryError(f"re-embedding returned {len(vectors)} vectors for {len(rows)} images")
+            blobs = [v.astype("<f4").tobytes() for v in vectors]
+            updates = [(b, self.fingerprint, r[0]) for b, r in zip(blobs, rows, strict=True)]
+            with self._db.transaction() as db:
+                db.executemany("UPDATE entries SET embedding = ?, fingerprint = ? WHERE id = ?", updates)
+            done += len(rows)
+            self._note_reembed(done, max(total, done), progress)
+        return done
+
+    def _note_reembed(self, done: int, total: int, progress: Callable[[int, int], None] | None) -> None:
+        self._reembed_progress = (done, total)
+        if progress is not None:
+            progress(done, total)
 
     # -- reads -------------------------------------------------------------------------------------------
     def search(self, vectors: np.ndarray, k: int) -> list[list[Match]]:
@@ -304,127 +334,17 @@ class Gallery(StoredRows):
                 results.append(list(best.values())[:k])
             return results
 
-    # -- index maintenance -------------------------------------------------------------------------------
-    def _rebuild(self) -> None:
-        """Build a fresh index from the committed current-model rows and swap it in.
-
-        The log position is read *before* the rows: the rows then reflect at least that much, and
-        replaying from there again is harmless (:meth:`SearchIndex.apply` is idempotent).
-        """
-        started = time.perf_counter()
-        seq = int(self._db.query(LAST_SEQ)[0][0])
-        rows = self._db.query(
-            "SELECT id, label, embedding FROM entries WHERE fingerprint = ? ORDER BY id", (self.fingerprint,)
-        )
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vectors = self._decode_vectors([r[2] for r in rows])
-        self._set_threads()
-        state = SearchIndex.build(self.index_kind, self.dim, vectors, ids, [r[1] for r in rows], self.params)
-        with self._index_lock.write():
-            self._state = state
-            self._applied_seq = seq
-        logger.info(
-            "gallery index (%s, %s) built with %d entries in %.2fs",
-            self.index_kind,
-            describe_index(state.index),
-            len(rows),
-            time.perf_counter() - started,
-        )
-
-    def _after_commit(
-        self, seq: int, ids: np.ndarray, vectors: np.ndarray, labels: list[str], removed: list[int]
-    ) -> None:
-        """Make the index reflect this process's own committed write before the caller is answered.
-
-        The sole writer of an embedded store applies what it just wrote (no read-back); a shared store,
-        or a log with records between ours and the last applied one, is caught up from the log instead.
-        """
-        if self._db.shared or seq - self._applied_seq != len(ids) + len(removed):
-            self._catch_up_locked()
-            return
-        self._set_threads()
-        with self._index_lock.write():
-            self._state.apply(ids, vectors, labels, removed)
-            self._applied_seq = seq
-            rebuild = self._state.needs_rebuild()
-        if rebuild:
-            self._rebuild()
-            self._save_snapshot()
-        self._generation += 1
-
-    def catch_up(self) -> int:
-        """Apply every change committed after :attr:`applied_seq` (any replica's); returns how many records."""
-        with self._write_lock:
-            return self._catch_up_locked()
-
-    def _catch_up_locked(self) -> int:
-        """Apply the log to the index in order (under the index write lock), rebuild if the index asks for
-        it, and only then bump the generation: whoever sees the new number searches the new contents."""
-        start, changed = self._applied_seq, False
-        self._set_threads()
-        while (batch := read_changes(self._db, self._applied_seq, self.fingerprint)) is not None:
-            if batch.rebuild:  # a re-embedding replaced every vector: start over from the rows
-                self._stale = self.pending_reembed
-                self._rebuild()
-                changed = True
-                continue
-            ids = np.array(batch.add_ids, dtype=np.int64)
-            vectors = self._decode_vectors(batch.add_blobs)
-            with self._index_lock.write():
-                changed |= self._state.apply(ids, vectors, batch.add_labels, batch.removed)
-                self._applied_seq = batch.last_seq
-                rebuild = self._state.needs_rebuild()
-            if rebuild:
-                self._rebuild()
-                self._save_snapshot()
-        if changed:
-            self._generation += 1
-        return self._applied_seq - start
-
-    def _load_index(self) -> None:
-        """The snapshot and the log after it when the snapshot fits, else a rebuild (and a new snapshot)."""
-        started = time.perf_counter()
-        loaded = index_snapshot.load(
-            self.path, self._snapshot_identity(), self.params, int(self._db.query(LAST_SEQ)[0][0])
-        )
-        if loaded is None:
-            self._rebuild()
-            self._save_snapshot()
-        else:
-            with self._index_lock.write():
-                self._state, self._applied_seq = loaded
-        replayed = self._catch_up_locked()
-        logger.info(
-            "gallery index ready in %.2fs (%s, %d changes replayed)",
-            time.perf_counter() - started,
-            "rebuilt" if loaded is None else f"snapshot at change {loaded[1]}",
-            replayed,
-        )
-
-    def _snapshot_identity(self) -> dict[str, Any]:
-        rows = self._db.query("SELECT value FROM meta WHERE key = 'gallery_id'")
-        return index_snapshot.identity(str(rows[0][0]), self.fingerprint, self.dim, self.index_kind, self.params)
-
-    def _save_snapshot(self) -> None:
-        """Persist the index with its log position; failing to is logged, never fatal (the log is the truth)."""
-        if self._stale:
-            return
-        try:
-            with self._index_lock.read():
-                index_snapshot.save(self.path, self._state, self._applied_seq, self._snapshot_identity())
-        except (OSError, RuntimeError, GalleryError) as error:
-            logger.warning("could not write the index snapshot: %s", error)
-
     # -- checks ------------------------------------------------------------------------------------------
-    def _set_threads(self) -> None:
-        if self.threads:  # OpenMP thread counts are per calling thread
-            faiss.omp_set_num_threads(self.threads)
-
     def _refuse_if_stale(self) -> None:
         if self._stale:
             raise GalleryStale(
                 f"{self._stale} gallery entries were embedded by another model; "
                 "call reembed() before adding or searching"
+            )
+        if self._outdated:
+            raise GalleryStale(
+                "the index is being rebuilt from the store (re-embedded for a new model, or too far behind the "
+                "change log)"
             )
 
     def _prepare_queries(self, vectors: np.ndarray, k: int) -> np.ndarray:

@@ -82,6 +82,16 @@ class SqliteTransaction:
         self._db.executemany(sql, rows)
 
 
+class OwnLock:
+    """What :meth:`GalleryDB.session_lock` hands out: always granted (one process per folder)."""
+
+    def try_acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        return None
+
+
 class GalleryDB:
     """One locked folder's database; every statement runs under one lock (the connection is shared).
 
@@ -119,6 +129,10 @@ class GalleryDB:
     def wait_for_change(self, timeout: float) -> bool:
         """Nobody else writes this file: there is never a change to wait for."""
         return False
+
+    def session_lock(self, name: str) -> OwnLock:
+        """The folder lock already makes this process the only one: every session lock is granted."""
+        return OwnLock()
 
     @contextmanager
     def transaction(self) -> Iterator[SqliteTransaction]:

@@ -72,8 +72,11 @@ def save(folder: Path, state: SearchIndex, seq: int, ident: dict[str, Any]) -> N
     _write(target / META_FILE, json.dumps(meta).encode())
 
 
-def load(folder: Path, ident: dict[str, Any], params: IndexParams, newest_seq: int) -> tuple[SearchIndex, int] | None:
-    """The snapshot and its sequence, or None (with the reason logged) when it cannot stand in for a rebuild."""
+def load(
+    folder: Path, ident: dict[str, Any], params: IndexParams, newest_seq: int, pruned_through: int = 0
+) -> tuple[SearchIndex, int] | None:
+    """The snapshot and its sequence, or None (with the reason logged) when it cannot stand in for a rebuild:
+    also when the log after it was pruned (``pruned_through``: the newest record deleted)."""
     target = folder / FOLDER
     try:
         meta = json.loads((target / META_FILE).read_text())
@@ -83,6 +86,8 @@ def load(folder: Path, ident: dict[str, Any], params: IndexParams, newest_seq: i
         logger.warning("index snapshot unreadable (%s): rebuilding", error)
         return None
     reason = _mismatch(target, meta, ident, newest_seq)
+    if not reason and int(meta.get("seq", -1)) < pruned_through:
+        reason = f"the change log after it (from {meta.get('seq')}) was pruned through {pruned_through}"
     if reason:
         logger.info("index snapshot not used (%s): rebuilding", reason)
         return None

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.gallery_rebuild import COMPACTION, FULL, RETRAIN
+
+if TYPE_CHECKING:
+    from service.gallery import GalleryStatus
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+REBUILD_KINDS = (COMPACTION, RETRAIN, FULL)
 
 
 class Metrics:
@@ -51,6 +58,27 @@ class Metrics:
             "centerid_identify_threshold_refreshes", "recomputations of the /identify threshold", registry=r
         )
         self.strangers = Gauge("centerid_strangers", "stranger images setting the /identify threshold", registry=r)
+        self.gallery_applied_seq = Gauge(
+            "centerid_gallery_applied_seq", "newest change-log record the search index reflects", registry=r
+        )
+        self.gallery_store_seq = Gauge(
+            "centerid_gallery_store_seq", "newest change-log record in the store (NaN: unreachable)", registry=r
+        )
+        self.gallery_lag = Gauge(
+            "centerid_gallery_lag", "change-log records committed, not yet searchable (NaN: unknown)", registry=r
+        )
+        self.gallery_stale = Gauge(
+            "centerid_gallery_may_be_stale", "1 while the shared store is unreachable (stale searches)", registry=r
+        )
+        self.gallery_rebuilding = Gauge(
+            "centerid_gallery_rebuild_running", "1 while a background index rebuild runs", ["kind"], registry=r
+        )
+        self.gallery_rebuilds = Gauge(
+            "centerid_gallery_rebuilds", "background index rebuilds since start by outcome", ["outcome"], registry=r
+        )
+        self.gallery_reembed = Gauge(
+            "centerid_gallery_reembed_entries", "re-embedding for a new model: done and total", ["of"], registry=r
+        )
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -68,6 +96,21 @@ class Metrics:
             self.identify_threshold.labels(mode, kind).set(value)
         self.identify_threshold_refreshes.inc()
         self.strangers.set(strangers)
+
+    def observe_gallery(self, status: GalleryStatus) -> None:
+        """At scrape time: the gallery's log positions, its background rebuild and re-embedding progress."""
+        nan = float("nan")
+        self.gallery_applied_seq.set(status.applied_seq)
+        self.gallery_store_seq.set(nan if status.store_seq is None else status.store_seq)
+        self.gallery_lag.set(nan if status.lag is None else status.lag)
+        self.gallery_stale.set(int(status.may_be_stale))
+        for kind in REBUILD_KINDS:
+            self.gallery_rebuilding.labels(kind).set(int(status.rebuild.running == kind))
+        self.gallery_rebuilds.labels("completed").set(status.rebuild.completed)
+        self.gallery_rebuilds.labels("failed").set(status.rebuild.failed)
+        done, total = status.reembed or (0, 0)
+        self.gallery_reembed.labels("done").set(done)
+        self.gallery_reembed.labels("total").set(total)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

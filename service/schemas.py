@@ -212,6 +212,56 @@ class Health(BaseModel):
     status: str
 
 
+RebuildKind = Literal["compaction", "retrain", "full"]
+
+
+class RebuildState(BaseModel):
+    running: RebuildKind | None = Field(
+        description="the background index rebuild in progress: HNSW tombstone compaction, IVF retraining, or a "
+        "full rebuild after a re-embedding (null: none; searches and writes never wait for one)"
+    )
+    pending: RebuildKind | None = Field(description="a rebuild asked for and waiting for the running one")
+    completed: int = Field(description="rebuilds swapped in since the process started")
+    failed: int = Field(description="rebuilds that failed (the old index kept serving; retried on the next change)")
+    last_error: str | None = None
+
+
+class ReembedProgress(BaseModel):
+    done: int
+    total: int
+
+
+class GallerySync(BaseModel):
+    """Where this replica's search index stands against the store it follows."""
+
+    applied_seq: int = Field(description="the newest change-log record the search index reflects")
+    store_seq: int | None = Field(description="the store's newest change-log record (null: store unreachable)")
+    lag: int | None = Field(description="change-log records committed but not yet searchable here")
+    may_be_stale: bool = Field(
+        description="true while the shared store (PostgreSQL) cannot be reached: searches answer from the local "
+        "index and may miss other replicas' writes; writes answer 503 store_unavailable"
+    )
+    rebuild: RebuildState
+    reembed: ReembedProgress | None = Field(description="re-embedding for a new model, while one runs")
+
+
+class Readiness(Health):
+    model_config = _example(
+        {
+            "status": "ready",
+            "gallery": {
+                "applied_seq": 1042,
+                "store_seq": 1042,
+                "lag": 0,
+                "may_be_stale": False,
+                "rebuild": {"running": "compaction", "pending": None, "completed": 3, "failed": 0, "last_error": None},
+                "reembed": None,
+            },
+        }
+    )
+    gallery: GallerySync | None = None
+
+
 class ModelInfo(BaseModel):
     name: str
     arch: str

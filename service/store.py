@@ -31,6 +31,14 @@ class Transaction(Protocol):
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
 
 
+class SessionLock(Protocol):
+    """A lock across every process on the store, held until released (or the holder's connection ends)."""
+
+    def try_acquire(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
 class Store(Protocol):
     """A gallery database. ``shared`` stores have other writers: the gallery follows their change log."""
 
@@ -44,6 +52,8 @@ class Store(Protocol):
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
     def wait_for_change(self, timeout: float) -> bool: ...
+
+    def session_lock(self, name: str) -> SessionLock: ...
 
     def close(self) -> None: ...
 

@@ -33,6 +33,7 @@ logger = logging.getLogger("centerid.store")
 CHANNEL = "centerid_changes"
 WRITE_LOCK = 0x63656E746572  # pg_advisory_xact_lock key ("center"): one writer at a time, all replicas
 SCHEMA_LOCK = WRITE_LOCK + 1
+SESSION_LOCKS = {"reembed": WRITE_LOCK + 2}  # pg_advisory_lock keys held across transactions, by purpose
 CONNECT_TIMEOUT_S = 5
 
 SCHEMA = """
@@ -164,6 +165,10 @@ class PostgresStore:
                 self._listener = None
             raise _unavailable(error) from None
 
+    def session_lock(self, name: str) -> AdvisoryLock:
+        """A session-level advisory lock (e.g. "reembed": one replica re-embeds for a new model)."""
+        return AdvisoryLock(self.url, SESSION_LOCKS[name])
+
     def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
@@ -172,3 +177,29 @@ class PostgresStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class AdvisoryLock:
+    """``pg_try_advisory_lock`` on a connection of its own (not the pool's: holding one of those for a long
+    job could starve the writes). Should the holder die, PostgreSQL ends its session and the lock is free."""
+
+    def __init__(self, url: str, key: int) -> None:
+        self._url = url
+        self._key = key
+        self._connection: psycopg.Connection | None = None
+
+    def try_acquire(self) -> bool:
+        try:
+            if self._connection is None or self._connection.closed:
+                self._connection = psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+            row = self._connection.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
+        except psycopg.Error as error:
+            self.release()
+            raise _unavailable(error) from None
+        return bool(row and row[0])
+
+    def release(self) -> None:
+        """Closing the session releases the lock, whether or not the unlock could still be sent."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None

@@ -6,20 +6,27 @@ reason printed; under ``CI`` a missing server is a failure, never a silent skip.
 
 :class:`Outage` sits between the service and the server: ``cut()`` drops every open connection and refuses
 new ones (what clients see while PostgreSQL restarts or the network is down), ``restore()`` lets them in.
+:class:`PrivateCluster` is a second throwaway cluster of a test's own (``scripts/pg-test-cluster.sh`` on a
+free port), for a test that really stops and starts PostgreSQL without disturbing the shared one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 ENV = "CENTERID_TEST_DATABASE_URL"
+CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pg-test-cluster.sh"
 
 
 def server_url() -> str:
@@ -123,3 +130,38 @@ class Outage:
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+class PrivateCluster:
+    """A PostgreSQL 15 cluster of the test's own on a free port: start, stop, start again, remove.
+
+    Its folder is directly under the system temporary folder: as root the cluster belongs to ``postgres``,
+    which cannot enter pytest's private ``tmp_path``. Needs the same Debian package as the shared test
+    server; where there is none the test is skipped (failed under CI) through :func:`server_url`.
+    """
+
+    def __init__(self) -> None:
+        server_url()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.folder = Path(tempfile.gettempdir()) / f"centerid-pg-{uuid.uuid4().hex[:12]}"
+        self.url = ""
+
+    def _script(self, *args: str) -> str:
+        done = subprocess.run([str(CLUSTER_SCRIPT), *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"pg-test-cluster.sh {' '.join(args)} failed: {done.stderr}"
+        return done.stdout.strip()
+
+    def start(self) -> str:
+        self.url = self._script("start", str(self.folder), str(self.port)).splitlines()[-1]
+        return self.url
+
+    def stop(self) -> None:
+        """A fast shutdown: open transactions are aborted and every client connection is closed."""
+        self._script("stop", str(self.folder))
+
+    def remove(self) -> None:
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)

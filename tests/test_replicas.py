@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import Server, orl_bytes
-from pg_support import Outage, drop_database, fresh_database, server_url
+from pg_support import Outage, PrivateCluster, drop_database, fresh_database, server_url
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +116,76 @@ def test_kill_9_during_a_burst_loses_no_acknowledged_entry(bundle_dir: Path, tmp
         b.stop()
 
 
+ALLOWED = frozenset({("enroll", 201, ""), ("enroll", 503, "store_unavailable"), ("identify", 200, "")})
+
+
+def gallery_state(url: str) -> dict:
+    """/ready's gallery fields (the timeout covers a store query that waits for a connection while it is away)."""
+    response = httpx.get(f"{url}/ready", timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["gallery"]
+
+
+class Load:
+    """Enrollments and identifies against one replica in a loop until stopped: every status, every
+    acknowledged entry (id, person). Shared by the outage and the restart tests."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.statuses: list[tuple[str, int, str]] = []
+        self.acknowledged: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            n = 0
+            while not self._stop.is_set():
+                person = 31 + n % 10
+                response = enroll(http, f"p{person}", person, 1)
+                code = response.json()["error"]["code"] if response.status_code >= 400 else ""
+                self.statuses.append(("enroll", response.status_code, code))
+                if response.status_code == 201:
+                    self.acknowledged.append((response.json()["entries"][0]["id"], person))
+                search = http.post("/identify", files={"image": orl_bytes(person, 2)}, data={"threshold": 0})
+                self.statuses.append(("identify", search.status_code, ""))
+                n += 1
+
+    def outage_and_recovery(self, interrupt: Callable[[], object], resume: Callable[[], object]) -> None:
+        """``interrupt()`` once some writes were acknowledged, ``resume()`` once a 503 was seen; returns
+        once a write after that succeeded again (the replica reconnected by itself)."""
+        poll(lambda: len(self.acknowledged) >= 3, timeout=120)
+        interrupt()
+        poll(lambda: any(s[1] == 503 for s in self.statuses), timeout=120)
+        refused_at = len(self.statuses)
+        resume()
+        poll(lambda: any(s[1] == 201 for s in self.statuses[refused_at:]), timeout=120)
+
+    def check(self) -> None:
+        assert set(self.statuses) <= ALLOWED, sorted(set(self.statuses))
+
+
+def assert_all_acknowledged_found(
+    bundle: Path, folder: Path, database_url: str, acknowledged: list[tuple[int, int]]
+) -> None:
+    """A fresh replica on the database sees every acknowledged entry."""
+    b = replica(bundle, folder, database_url)
+    try:
+        with httpx.Client(base_url=b.url, timeout=30) as on_b:
+            for entry, person in acknowledged:
+                assert entry in identified(on_b, person, 2)
+    finally:
+        b.stop()
+
+
 def test_database_outage_under_load_gives_503_only_and_loses_nothing(
     bundle_dir: Path, tmp_path: Path, database: str
 ) -> None:
@@ -123,48 +193,45 @@ def test_database_outage_under_load_gives_503_only_and_loses_nothing(
     looks like to a client), restored once refusals were seen; A must reconnect by itself."""
     outage = Outage(database)
     a = replica(bundle_dir, tmp_path / "a", outage.url)
-    statuses: list[tuple[str, int, str]] = []
-    acknowledged: list[tuple[int, int]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(base_url=a.url, timeout=60) as http:
-            n = 0
-            while not stop.is_set():
-                person = 31 + n % 10
-                response = enroll(http, f"p{person}", person, 1)
-                code = response.json()["error"]["code"] if response.status_code >= 400 else ""
-                statuses.append(("enroll", response.status_code, code))
-                if response.status_code == 201:
-                    acknowledged.append((response.json()["entries"][0]["id"], person))
-                search = http.post("/identify", files={"image": orl_bytes(person, 2)}, data={"threshold": 0})
-                statuses.append(("identify", search.status_code, ""))
-                n += 1
-
-    worker = threading.Thread(target=load)
+    load = Load(a.url)
     try:
-        worker.start()
-        poll(lambda: len(acknowledged) >= 3, timeout=120)
-        outage.cut()
-        poll(lambda: any(s[1] == 503 for s in statuses), timeout=120)
-        refused_at = len(statuses)
-        outage.restore()
-        poll(lambda: any(s[1] == 201 for s in statuses[refused_at:]), timeout=120)  # reconnected by itself
-        stop.set()
-        worker.join(120)
-        assert {(kind, status, code) for kind, status, code in statuses} <= {
-            ("enroll", 201, ""),
-            ("enroll", 503, "store_unavailable"),
-            ("identify", 200, ""),
-        }, sorted(set(statuses))
-        b = replica(bundle_dir, tmp_path / "b", database)  # a fresh replica sees every acknowledged entry
-        try:
-            with httpx.Client(base_url=b.url, timeout=30) as on_b:
-                for entry, person in acknowledged:
-                    assert entry in identified(on_b, person, 2)
-        finally:
-            b.stop()
+        load.start()
+        load.outage_and_recovery(outage.cut, outage.restore)
+        load.stop()
+        load.check()
+        assert_all_acknowledged_found(bundle_dir, tmp_path / "b", database, load.acknowledged)
     finally:
-        stop.set()
+        load.stop()
         a.stop()
         outage.close()
+
+
+def test_postgres_restart_under_load_gives_503_only_and_loses_nothing(bundle_dir: Path, tmp_path: Path) -> None:
+    """A real restart: a private cluster of this test is stopped (fast shutdown: in-flight transactions
+    aborted, connections closed) under load and started again; A reconnects by itself, /ready reports the
+    stale window and then catches up, and no acknowledged entry is lost."""
+    cluster = PrivateCluster()
+    try:
+        database_url = cluster.start()
+        a = replica(bundle_dir, tmp_path / "a", database_url)
+        load = Load(a.url)
+
+        def stop_server() -> None:
+            cluster.stop()
+            poll(lambda: gallery_state(a.url)["may_be_stale"])  # /ready: still 200, searches may be stale
+
+        try:
+            load.start()
+            load.outage_and_recovery(stop_server, cluster.start)
+            load.stop()
+            load.check()
+            refused = next(n for n, status in enumerate(load.statuses) if status[1] == 503)
+            assert ("identify", 200, "") in load.statuses[refused:]  # searches answered after writes were refused
+            poll(lambda: not gallery_state(a.url)["may_be_stale"] and gallery_state(a.url)["lag"] == 0)
+            assert gallery_state(a.url)["applied_seq"] >= len(load.acknowledged)
+            assert_all_acknowledged_found(bundle_dir, tmp_path / "b", database_url, load.acknowledged)
+        finally:
+            load.stop()
+            a.stop()
+    finally:
+        cluster.remove()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +152,50 @@ def test_unreachable_database_answers_503_and_the_replica_reconnects(tmp_path: P
             assert b.entries("lost") == [] and again[0].id > kept[-1].id
     finally:
         outage.close()
+
+
+def test_one_replica_reembeds_for_a_new_model_the_other_follows_its_progress(tmp_path: Path, database: str) -> None:
+    """Two replicas on a new model start together: the one holding the "reembed" advisory lock recomputes
+    every entry, the other reports its progress meanwhile and embeds nothing; both then answer from the new
+    vectors exactly as brute force does."""
+    old, new = vectors(12, seed=6), vectors(12, seed=7)
+    with Gallery.open(tmp_path / "seed", DIM, "old", database_url=database) as seeding:
+        entries = seeding.add("a", old, [b"%d" % n for n in range(12)])
+    recomputed = {int(e.id): new[n] for n, e in enumerate(entries)}
+    second_batch, release = threading.Event(), threading.Event()
+    calls = {"a": 0, "b": 0}
+
+    def embed(who: str) -> Callable[[list[bytes]], np.ndarray]:
+        def run(blobs: list[bytes]) -> np.ndarray:
+            calls[who] += 1
+            if calls[who] == 2:  # the leader holds here, 5 of 12 re-embedded and committed
+                second_batch.set()
+                assert release.wait(60)
+            return new[[int(blob) for blob in blobs]]
+
+        return run
+
+    a = Gallery.open(tmp_path / "a", DIM, "new", database_url=database, follow_poll_s=0.2)
+    b = Gallery.open(tmp_path / "b", DIM, "new", database_url=database, follow_poll_s=0.2)
+    try:
+        assert a.pending_reembed == b.pending_reembed == 12
+        done: dict[str, int] = {}
+        leader = threading.Thread(target=lambda: done.update(a=a.reembed(embed("a"), batch_size=5)))
+        leader.start()
+        assert second_batch.wait(60)
+        follower = threading.Thread(target=lambda: done.update(b=b.reembed(embed("b"), batch_size=5)))
+        follower.start()
+        wait_until(lambda: b.status().reembed == (5, 12))  # B follows A's committed progress
+        release.set()
+        leader.join(60)
+        follower.join(60)
+        assert done == {"a": 12, "b": 0} and calls["b"] == 0 and calls["a"] == 3
+        for replica in (a, b):
+            assert replica.pending_reembed == 0 and replica.status().reembed is None
+            wait_until(lambda replica=replica: not replica.status().rebuild.running)
+            for query in new:
+                assert [m.entry_id for m in replica.search(query, 3)[0]] == brute_force(recomputed, query, 3)
+    finally:
+        release.set()
+        a.close()
+        b.close()

@@ -9,15 +9,20 @@ from fastapi import APIRouter, Depends, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import NotReady
+from service.gallery import GalleryStatus
 from service.metrics import CONTENT_TYPE
 from service.operating_point import MODES, identify_point, verify_point
 from service.routes.common import ServiceState, get_settings, get_state, presented_key, ready_state, require_key
 from service.schemas import (
     FacesInfo,
     GalleryInfo,
+    GallerySync,
     Health,
     Info,
     ModelInfo,
+    Readiness,
+    RebuildState,
+    ReembedProgress,
     ThresholdBasis,
     ThresholdInfo,
     ThresholdInUse,
@@ -47,12 +52,35 @@ async def health_head() -> Response:
     return Response(status_code=200, media_type="application/json")
 
 
-@router.get("/ready", response_model=Health, responses=errors())
-async def ready(state: Annotated[ServiceState, Depends(get_state)]) -> Health:
-    """Readiness: 200 once the model is loaded and warm and the gallery indexed, 503 before (no key needed)."""
-    if not state.ready:
+@router.get("/ready", response_model=Readiness, responses=errors())
+async def ready(state: Annotated[ServiceState, Depends(get_state)]) -> Readiness:
+    """Readiness: 200 once the model is loaded and warm and the gallery indexed, 503 before (no key needed).
+
+    A ready answer says what the gallery is doing: the change-log position its index reflects against the
+    store's, a background rebuild, and whether searches may be stale because PostgreSQL is unreachable
+    (still 200: searches keep answering from the local index).
+    """
+    if not state.ready or state.gallery is None:
         raise NotReady(f"the service is not ready: {state.status}")
-    return Health(status="ready")
+    return Readiness(status="ready", gallery=gallery_sync(await run_in_threadpool(state.gallery.status)))
+
+
+def gallery_sync(status: GalleryStatus) -> GallerySync:
+    rebuild = status.rebuild
+    return GallerySync(
+        applied_seq=status.applied_seq,
+        store_seq=status.store_seq,
+        lag=status.lag,
+        may_be_stale=status.may_be_stale,
+        rebuild=RebuildState(
+            running=rebuild.running,  # type: ignore[arg-type]
+            pending=rebuild.pending,  # type: ignore[arg-type]
+            completed=rebuild.completed,
+            failed=rebuild.failed,
+            last_error=rebuild.last_error,
+        ),
+        reembed=ReembedProgress(done=status.reembed[0], total=status.reembed[1]) if status.reembed else None,
+    )
 
 
 @router.get("/info", response_model=Info, dependencies=[Depends(require_key)], responses=errors())
@@ -146,4 +174,6 @@ def metrics_guard(
 )
 async def metrics(state: Annotated[ServiceState, Depends(get_state)]) -> Response:
     """Prometheus text exposition (public unless CENTERID_METRICS_PUBLIC=false)."""
+    if state.gallery is not None:  # the gallery's sync and rebuild state, read at scrape time
+        state.metrics.observe_gallery(await run_in_threadpool(state.gallery.status))
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
