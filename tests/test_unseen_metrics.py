@@ -140,3 +140,16 @@ def test_report_pairs_seeds_and_matches_the_t_test_written_plainly(tmp_path, mon
     assert row["tar"]["diff"]["p"] is None  # identical TAR in every seed: no test, not p = nan
     text = (tmp_path / "t.md").read_text()
     assert "softmax + center (λ 0.01, α 0.1)" in text and (tmp_path / "plot.png").stat().st_size > 0
+    assert "α 0.5 − α 0.1" not in text  # a contrast needs both sides
+
+
+def test_contrasts_pair_alpha_at_the_same_lambda(tmp_path) -> None:
+    import bench.center_grid_report as report
+
+    for seed, (low, high) in enumerate([(0.60, 0.70), (0.62, 0.70), (0.61, 0.73)]):
+        fake_run(tmp_path, "softmax", 0.01, 0.1, seed, low)
+        fake_run(tmp_path, "softmax", 0.01, 0.5, seed, high)
+    lines = report.contrasts(report.load_runs(tmp_path))
+    row = next(line for line in lines if line.startswith("| α 0.5 − α 0.1 at λ 0.01 |"))
+    diffs = [0.10, 0.08, 0.12]  # rank-1 differences; FNIR = 1 − rank-1 moves the other way
+    assert f"+{100 * sum(diffs) / 3:.2f} ± 2.00" in row and f"-{100 * sum(diffs) / 3:.2f} ± 2.00" in row
