@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from bench.common import ROOT, machine, utc_date, write_results
+from bench.common import RESULTS_DIR, ROOT, machine, utc_date, write_results
 
 Config = tuple[str, float, float]  # head, λ, α (α = 0.5 when λ = 0: unused)
 METRICS = (  # key, label, path in unseen.json, higher is better
@@ -198,5 +198,5 @@ def write_report(out: Path, markdown: Path | None, plot_path: Path) -> dict[str,
         markdown.write_text(text)
     print(text)
     payload = {"date": utc_date(), "machine": machine(), "rows": rows}
-    write_results("center_grid", payload)
+    write_results("center_grid", payload, RESULTS_DIR / "raw")  # raw: bench.report reads the tables from the .md
     return payload

@@ -31,6 +31,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("bench/results/raw/detect_cost.json", "bench/results/raw/align_identify.json",
       "bench/results/raw/faces_service.json")),
     ("Training job", "docs/benchmarks_training.md", ()),
+    ("Center loss and heads on unseen identities", "docs/benchmarks_heads.md", ("bench/results/raw/center_grid.md",)),
     ("Open-set error rates (glyphs)", "docs/benchmarks_open_set.md", ()),  # its tables are in the doc itself
     ("Scale-out", "docs/benchmarks_scale.md", ("bench/results/raw/scale_out.json",)),
     ("Docker deployment", "docs/benchmarks_deploy.md", ()),  # docker-local runs; commands in the doc

@@ -123,7 +123,7 @@ def test_report_pairs_seeds_and_matches_the_t_test_written_plainly(tmp_path, mon
 
     import bench.center_grid_report as report
 
-    monkeypatch.setattr(report, "write_results", lambda name, payload: None)
+    monkeypatch.setattr(report, "write_results", lambda name, payload, folder: None)
     base, center = [0.50, 0.60, 0.55], [0.58, 0.66, 0.64]
     for seed in range(3):
         fake_run(tmp_path, "softmax", 0.0, 0.5, seed, base[seed])
