@@ -105,8 +105,11 @@ def export_onnx(bundle: Bundle) -> bytes:
     """The bundle's network as an ONNX model with a dynamic batch axis (TorchScript exporter: it needs only
     the ``onnx`` package, not onnxscript, and handles the plain CNNs training writes)."""
     spec = bundle.preprocess.spec
-    model = bundle.model.cpu().eval()
-    example = torch.zeros(2, spec.channels, spec.height, spec.width)
+    return onnx_bytes(bundle.model.cpu().eval(), torch.zeros(2, spec.channels, spec.height, spec.width))
+
+
+def onnx_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` (in eval mode) as ONNX, input ``input`` and output ``features``, the batch axis dynamic."""
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -250,3 +250,15 @@ def running_server(env: dict[str, str], log: Path) -> Iterator[Server]:
 def unit(vectors: Any) -> np.ndarray:
     array = np.asarray(vectors, dtype=np.float64)
     return array / np.linalg.norm(array, axis=-1, keepdims=True)
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    """A fresh database on the test PostgreSQL server (skipped with a reason outside CI when there is none),
+    dropped afterwards: each test starts from an empty schema."""
+    from pg_support import drop_database, fresh_database, server_url
+
+    url = server_url()
+    database_url = fresh_database(url)
+    yield database_url
+    drop_database(url, database_url)

@@ -4,12 +4,9 @@ no entry is ever lost, and sequence numbers keep growing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
-from pg_support import drop_database, fresh_database, server_url
 from test_store_postgres import DIM, brute_force, vectors
 
 from service import index_snapshot
@@ -41,14 +38,6 @@ def test_embedded_prune_keeps_the_newest_records_and_the_sequence_grows(tmp_path
     with Gallery.open(tmp_path, DIM, "m") as reopened:  # its snapshot (at close) is after the horizon
         stored = {e.id: data[n] for n, e in enumerate(first) if n} | {e.id: data[20 + n] for n, e in enumerate(later)}
         assert_answers_like(reopened, stored)
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    url = server_url()
-    database_url = fresh_database(url)
-    yield database_url
-    drop_database(url, database_url)
 
 
 def test_replicas_behind_the_pruned_horizon_rebuild_instead_of_replaying(tmp_path: Path, database: str) -> None:

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import orl_bytes, service_client
-from pg_support import Outage, drop_database, fresh_database, server_url
+from pg_support import Outage
 from test_gallery_rebuild import WAIT_S, Gate
 
 
@@ -88,14 +87,6 @@ def test_ready_and_metrics_show_a_background_compaction_while_requests_are_answe
         assert metric(text, "centerid_gallery_lag") == "0.0"
         found = identified(client, 31, 3)  # one best entry per identity (the unit tests compare every entry)
         assert len(found) == 2 and found <= set(ids[2:]) | set(added)
-
-
-@pytest.fixture
-def database() -> Any:
-    url = server_url()
-    database_url = fresh_database(url)
-    yield database_url
-    drop_database(url, database_url)
 
 
 def test_ready_says_searches_may_be_stale_while_postgres_is_unreachable(

@@ -6,23 +6,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import Server, orl_bytes
-from pg_support import Outage, PrivateCluster, drop_database, fresh_database, server_url
+from pg_support import Outage, PrivateCluster
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    url = server_url()
-    database_url = fresh_database(url)
-    yield database_url
-    drop_database(url, database_url)
 
 
 def replica(bundle: Path, folder: Path, database_url: str) -> Server:

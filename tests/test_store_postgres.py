@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pg_support import Outage, drop_database, fresh_database, server_url
+from pg_support import Outage
 
 from service.gallery import Gallery, GalleryError
 
 DIM = 16
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    url = server_url()
-    database_url = fresh_database(url)
-    yield database_url
-    drop_database(url, database_url)
 
 
 def vectors(count: int, seed: int) -> np.ndarray:
