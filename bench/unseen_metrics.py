@@ -20,20 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from service.index import normalise
 from training.evaluate import threshold_at_far
 
 Scoring = str  # "cosine": dot product of L2-normalised features; "euclidean": minus the L2 distance
 
 
-def normalised(features: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, 1e-12)
-
-
 def scores(queries: np.ndarray, references: np.ndarray, scoring: Scoring) -> np.ndarray:
     """Similarity of every query to every reference (higher = more alike), float32 (Q×R)."""
     if scoring == "cosine":
-        return normalised(queries) @ normalised(references).T
+        return normalise(queries) @ normalise(references).T  # the service's own normaliser
     if scoring == "euclidean":
         # in float64: the expansion cancels catastrophically for near-identical float32 rows
         q, r = queries.astype(np.float64), references.astype(np.float64)
