@@ -103,6 +103,7 @@ def load_components(state: ServiceState) -> None:
             database_url=settings.database_url,
             pool_size=settings.database_pool_size,
             follow_poll_s=settings.follow_poll_s,
+            change_log_keep=settings.change_log_keep,
         )
     except GalleryError as error:
         raise StartupError(f"cannot open the gallery: {error}") from None
@@ -150,7 +151,7 @@ def reembed_gallery(state: ServiceState) -> None:
     pending = gallery.pending_reembed
     if not pending:
         return
-    logger.info("gallery was embedded by model %s: re-embedding %d entries", gallery.stored_fingerprint[:12], pending)
+    logger.info("%d gallery entries have no embedding of model %s: embedding them", pending, gallery.fingerprint[:12])
     state.status = f"re-embedding {pending} gallery entries"
 
     def progress(done: int, total: int) -> None:
@@ -200,6 +201,8 @@ async def finish_startup(state: ServiceState) -> None:
     try:
         await run_in_threadpool(reembed_gallery, state)
         await run_in_threadpool(start_operating_point, state)
+        assert state.gallery is not None and state.embedder is not None
+        state.gallery.start_backfill(state.embedder.embed_bytes, batch_size=max(state.settings.max_batch, 1))
     except Exception as error:  # the process stays up (and not ready) so that /ready can say why
         state.status = f"finishing startup failed: {error}"
         logger.error("finishing startup (re-embedding the gallery or strangers, first thresholds) failed: %s", error)

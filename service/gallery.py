@@ -12,10 +12,11 @@ catches up right after its commit (read-your-writes), other replicas when notifi
 
 Writes are serialised by one lock; the index is guarded by a readers-writer lock, so concurrent searches
 run in parallel but never see an index in the middle of an update. HNSW compaction, IVF retraining and the
-rebuild after another replica's re-embedding run on a background thread (``service.gallery_rebuild``)
-and swap in atomically: no request waits for one. Embeddings of two models never mix:
-rows of another model's fingerprint stay out of the index until :meth:`Gallery.reembed` has recomputed
-them. :attr:`Gallery.generation` counts committed changes, for whatever must refresh when they happen.
+rebuild after the change log was pruned past a replica run on a background thread
+(``service.gallery_rebuild``) and swap in atomically: no request waits for one. Embeddings of two models
+never mix: the store keeps one vector per entry and model, each gallery indexes its own model's, and
+entries without one are embedded from their stored image (``service.gallery_models``).
+:attr:`Gallery.generation` counts committed changes, for whatever must refresh when they happen.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ import faiss
 import numpy as np
 
 from service.gallery_db import DB_FILE as DB_FILE  # `X as X`: re-exported, callers import it from here
+from service.gallery_index import CHANGE_LOG_KEEP
 from service.gallery_index import GalleryStatus as GalleryStatus  # re-exported for callers
-from service.gallery_index import IndexUpkeep
 from service.gallery_input import (
     GalleryError,
     GalleryInputError,
@@ -43,6 +44,7 @@ from service.gallery_input import (
     metadata_list,
     validate_label,
 )
+from service.gallery_models import Backfill, ModelEmbeddings
 from service.gallery_rebuild import Rebuilder
 from service.gallery_rows import Entry, placeholders
 from service.gallery_sync import Follower
@@ -58,14 +60,12 @@ from service.index import (
 from service.index import (
     build_index as build_index,
 )
-from service.store import CHANGE_ADD, CHANGE_DELETE, CHANGE_REBUILD, LAST_SEQ, Store, log_changes, open_store
+from service.store import CHANGE_ADD, CHANGE_DELETE, LAST_SEQ, Store, log_changes, open_store
 
 logger = logging.getLogger("centerid.gallery")
 
-REEMBED_POLL_S = 1.0  # a replica waiting for another one's re-embedding re-reads its progress this often
 
-
-class Gallery(IndexUpkeep):
+class Gallery(ModelEmbeddings):
     """Enrolled identities: ``Gallery.open(data_dir, dim, fingerprint)`` then add / search / delete."""
 
     def __init__(
@@ -87,6 +87,7 @@ class Gallery(IndexUpkeep):
         self._outdated = False  # another replica re-embedded: the index is of the old model until rebuilt
         self._reembed_progress: tuple[int, int] | None = None
         self._follower: Follower | None = None
+        self._backfill: Backfill | None = None
         self._rebuilder = Rebuilder(self._background_rebuild)
         self._closing = threading.Event()
         self._closed = False
@@ -105,13 +106,16 @@ class Gallery(IndexUpkeep):
         database_url: str | None = None,
         pool_size: int = 4,
         follow_poll_s: float = 1.0,
+        change_log_keep: int = CHANGE_LOG_KEEP,
     ) -> Gallery:
         """Open (or create) the gallery and load its index: snapshot plus the log after it, else a rebuild.
 
         ``data_dir`` holds the SQLite file, or with ``database_url`` (PostgreSQL) only this replica's index
         snapshot; a replica then follows the other replicas' writes, polling at least every
-        ``follow_poll_s`` seconds. Rows embedded by another model are not indexed: check
+        ``follow_poll_s`` seconds. Entries with no vector of this model are not indexed: check
         :attr:`pending_reembed` and call :meth:`reembed` before searching or adding (both refuse until then).
+        After each snapshot the change log keeps its newest ``change_log_keep`` records (never past the
+        snapshot): a replica further behind than that rebuilds from the rows instead of replaying.
         """
         if index_kind not in INDEX_KINDS:
             raise GalleryError(f"unknown index kind {index_kind!r}; choose one of {INDEX_KINDS}")
@@ -119,6 +123,7 @@ class Gallery(IndexUpkeep):
             raise GalleryError(f"embedding dimension must be positive, got {dim}")
         store = open_store(Path(data_dir), database_url, pool_size)
         gallery = cls(store, dim, fingerprint, index_kind, params or IndexParams(), threads)
+        gallery.change_log_keep = max(int(change_log_keep), 1)
         try:
             gallery._db.init_meta(fingerprint, dim)
             gallery._stale = gallery.pending_reembed
@@ -133,6 +138,8 @@ class Gallery(IndexUpkeep):
     def close(self) -> None:
         """Stop following and rebuilding, write a snapshot for the next start, and close the store."""
         self._closing.set()
+        if self._backfill is not None:
+            self._backfill.stop()
         if self._follower is not None:
             self._follower.stop()
         self._rebuilder.close()
@@ -202,14 +209,17 @@ class Gallery(IndexUpkeep):
                 ids = []
                 for vector, image, meta in zip(vectors, images, metas, strict=True):
                     inserted = db.execute(
-                        "INSERT INTO entries (label, metadata, embedding, fingerprint, created_at) "
-                        "VALUES (?,?,?,?,?) RETURNING id",
-                        (label, meta, vector.astype("<f4").tobytes(), self.fingerprint, created),
+                        "INSERT INTO entries (label, metadata, created_at) VALUES (?,?,?) RETURNING id",
+                        (label, meta, created),
                     )
                     entry_id = int(inserted[0][0])
                     db.execute("INSERT INTO images (entry_id, data) VALUES (?, ?)", (entry_id, bytes(image)))
+                    db.execute(
+                        "INSERT INTO embeddings (entry_id, fingerprint, embedding) VALUES (?, ?, ?)",
+                        (entry_id, self.fingerprint, vector.astype("<f4").tobytes()),
+                    )
                     ids.append(entry_id)
-                log_changes(db, CHANGE_ADD, ids)
+                log_changes(db, CHANGE_ADD, ids, self.fingerprint)
                 seq = int(db.execute(LAST_SEQ)[0][0])
             self._after_commit(seq, np.array(ids, dtype=np.int64), vectors, [label] * len(ids), [])
         return [Entry(i, label, json.loads(m), created) for i, m in zip(ids, metas, strict=True)]
@@ -228,79 +238,12 @@ class Gallery(IndexUpkeep):
         with self._write_lock:
             with self._db.transaction() as db:
                 ids = [row[0] for row in db.execute(select, args)]
-                db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids])  # images cascade
+                db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids])  # images, vectors cascade
                 log_changes(db, CHANGE_DELETE, ids)
                 seq = int(db.execute(LAST_SEQ)[0][0])
             if ids:
                 self._after_commit(seq, np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), np.float32), [], ids)
         return len(ids)
-
-    def reembed(
-        self,
-        embed: Callable[[list[bytes]], np.ndarray],
-        batch_size: int = 64,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> int:
-        """Recompute, with the current model, every entry embedded by another one; then rebuild the index.
-
-        ``embed`` maps encoded image files to N×dim embeddings. Each batch commits on its own, so an
-        interrupted run resumes where it stopped; the index is only rebuilt once no stale row remains. On a
-        shared store one replica does it (it holds the store's "reembed" session lock); the others wait,
-        reporting its progress, and then find nothing left but their own index to rebuild.
-        """
-        total = self.pending_reembed
-        self._reembed_progress = (0, total) if total else None
-        lock = self._db.session_lock("reembed")
-        while not lock.try_acquire():  # another replica re-embeds: report its progress over every entry
-            everything = self.count()
-            self._note_reembed(max(everything - self.pending_reembed, 0), everything, progress)
-            if self._closing.wait(REEMBED_POLL_S):
-                raise GalleryError("the gallery closed while waiting for another replica's re-embedding")
-        try:
-            with self._write_lock:
-                done = self._reembed_rows(embed, batch_size, total, progress)
-                orphans = self.pending_reembed
-                if orphans:  # entries without an image row cannot exist (same transaction), but never mix models
-                    raise GalleryError(f"{orphans} entries have no stored image and cannot be re-embedded")
-                with self._db.transaction() as db:
-                    meta = [("fingerprint", self.fingerprint), ("dim", str(self.dim))]
-                    db.executemany(
-                        "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", meta
-                    )
-                    if done:  # the other replicas rebuild once; a replica that found nothing left says nothing
-                        log_changes(db, CHANGE_REBUILD, [0])
-                self._rebuild()
-                self._stale = 0
-                self._reembed_progress = None
-                self._generation += bool(done)
-        finally:
-            lock.release()
-        return done
-
-    def _reembed_rows(
-        self, embed: Callable[[list[bytes]], np.ndarray], batch: int, total: int, progress: Callable | None
-    ) -> int:
-        done = 0
-        while rows := self._db.query(
-            "SELECT e.id, i.data FROM entries e JOIN images i ON i.entry_id = e.id "
-            "WHERE e.fingerprint != ? ORDER BY e.id LIMIT ?",
-            (self.fingerprint, batch),
-        ):
-            vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
-            if len(vectors) != len(rows):
-                raise GalleryError(f"re-embedding returned {len(vectors)} vectors for {len(rows)} images")
-            blobs = [v.astype("<f4").tobytes() for v in vectors]
-            updates = [(b, self.fingerprint, r[0]) for b, r in zip(blobs, rows, strict=True)]
-            with self._db.transaction() as db:
-                db.executemany("UPDATE entries SET embedding = ?, fingerprint = ? WHERE id = ?", updates)
-            done += len(rows)
-            self._note_reembed(done, max(total, done), progress)
-        return done
-
-    def _note_reembed(self, done: int, total: int, progress: Callable[[int, int], None] | None) -> None:
-        self._reembed_progress = (done, total)
-        if progress is not None:
-            progress(done, total)
 
     # -- reads -------------------------------------------------------------------------------------------
     def search(self, vectors: np.ndarray, k: int) -> list[list[Match]]:

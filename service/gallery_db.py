@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from service.gallery_input import GalleryError
+from service.store import check_schema
 
 DB_FILE = "gallery.sqlite3"
 LOCK_FILE = "gallery.lock"
-SCHEMA_VERSION = "1"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -30,20 +30,25 @@ CREATE TABLE IF NOT EXISTS entries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: a deleted id is never handed out again
     label TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    embedding BLOB NOT NULL,               -- float32, L2-normalised, little-endian
-    fingerprint TEXT NOT NULL,             -- the model that computed the embedding
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_by_label ON entries (label, id);
-CREATE INDEX IF NOT EXISTS entries_by_fingerprint ON entries (fingerprint);
 CREATE TABLE IF NOT EXISTS images (
     entry_id INTEGER PRIMARY KEY REFERENCES entries (id) ON DELETE CASCADE,
     data BLOB NOT NULL                     -- the enrolled file, as uploaded
 );
+CREATE TABLE IF NOT EXISTS embeddings (    -- one vector per entry and model (service.store)
+    entry_id INTEGER NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+    fingerprint TEXT NOT NULL,             -- the model that computed it
+    embedding BLOB NOT NULL,               -- float32, L2-normalised, little-endian
+    PRIMARY KEY (fingerprint, entry_id)
+);
+CREATE INDEX IF NOT EXISTS embeddings_by_entry ON embeddings (entry_id);
 CREATE TABLE IF NOT EXISTS changes (       -- the log an index snapshot replays from (service.store)
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     op TEXT NOT NULL,
-    entry_id INTEGER NOT NULL
+    entry_id INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL DEFAULT ''   -- an add: the model whose embedding was stored
 );
 """
 
@@ -115,12 +120,10 @@ class GalleryDB:
             raise GalleryError(f"cannot open the gallery database in {path}: {error}") from None
 
     def init_meta(self, fingerprint: str, dim: int) -> None:
-        """Check the schema version; a new gallery belongs to the model that opens it."""
+        """Check (or migrate) the schema; record which model created the gallery and name the database."""
         with self.transaction() as db:
+            check_schema(db)
             stored = dict(db.execute("SELECT key, value FROM meta"))
-            if stored.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-                raise GalleryError(f"gallery schema {stored['schema_version']} is not {SCHEMA_VERSION}")
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             if "fingerprint" not in stored:
                 db.executemany("INSERT INTO meta VALUES (?, ?)", [("fingerprint", fingerprint), ("dim", str(dim))])
             if "gallery_id" not in stored:  # names this database, so a snapshot of another one is never loaded

@@ -29,7 +29,7 @@ from service.store import LAST_SEQ
 
 logger = logging.getLogger("centerid.gallery")
 
-CHANGE_LOG_KEEP = 100_000  # records kept after a snapshot: a replica further behind rebuilds instead of replaying
+CHANGE_LOG_KEEP = 100_000  # default of CENTERID_CHANGE_LOG_KEEP
 PRUNED_THROUGH = "SELECT value FROM meta WHERE key = 'log_pruned_through'"
 
 
@@ -68,6 +68,7 @@ class IndexUpkeep(StoredRows):
     _rebuilder: Rebuilder
     _closed: bool
     _snapshot_seq: int
+    change_log_keep: int = CHANGE_LOG_KEEP  # records kept after a snapshot (Gallery.open sets it)
 
     @property
     def in_sync(self) -> bool:
@@ -182,17 +183,18 @@ class IndexUpkeep(StoredRows):
 
     def _catch_up_locked(self) -> int:
         """Apply the log to the index in order (under the index write lock) and only then bump the
-        generation: whoever sees the new number searches the new contents. A re-embedding in the log stops
-        the replay: searches refuse until the background rebuild of every vector has swapped in."""
+        generation: whoever sees the new number searches the new contents. A schema-1 re-embedding in the log
+        stops the replay: searches refuse until the background rebuild of every vector has swapped in."""
         start, changed = self._applied_seq, False
         self._set_threads()
         if self._applied_seq < self._pruned_through():  # the log it would replay is gone: rebuild
             self._outdated = True
         while not self._outdated and (batch := read_changes(self._db, self._applied_seq, self.fingerprint)):
-            if batch.rebuild:  # a re-embedding replaced every vector: the index must start over from the rows
-                self._stale = self.pending_reembed
+            if batch.rebuild:  # a schema-1 re-embedding replaced every vector: start over from the rows
                 self._outdated = True
                 break
+            if batch.foreign_adds:
+                self._saw_foreign_adds()
             ids = np.array(batch.add_ids, dtype=np.int64)
             vectors = self._decode_vectors(batch.add_blobs)
             with self._index_lock.write():
@@ -202,6 +204,9 @@ class IndexUpkeep(StoredRows):
         if changed:
             self._generation += 1
         return self._applied_seq - start
+
+    def _saw_foreign_adds(self) -> None:
+        """The replay met entries that arrived with another model's vector only (see service.gallery_models)."""
 
     def _request_rebuild_if_needed(self) -> None:
         """Called under the write lock after the index changed (or failed to: a retry after a failed build)."""
@@ -245,7 +250,7 @@ class IndexUpkeep(StoredRows):
                 seq = self._applied_seq
                 index_snapshot.save(self.path, self._state, seq, self._snapshot_identity())
             self._snapshot_seq = seq
-            self.prune_change_log(CHANGE_LOG_KEEP)
+            self.prune_change_log(self.change_log_keep)
         except (OSError, RuntimeError, GalleryError) as error:
             logger.warning("could not write the index snapshot or prune the change log: %s", error)
 

@@ -60,7 +60,11 @@ def build_from_store(
     The position is read *before* the rows, so the rows contain every change up to it (and maybe more).
     """
     seq = int(store.query(LAST_SEQ)[0][0])
-    rows = store.query("SELECT id, label, embedding FROM entries WHERE fingerprint = ? ORDER BY id", (fingerprint,))
+    rows = store.query(
+        "SELECT e.id, e.label, m.embedding FROM embeddings m JOIN entries e ON e.id = m.entry_id "
+        "WHERE m.fingerprint = ? ORDER BY m.entry_id",
+        (fingerprint,),
+    )
     ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     vectors = decode([r[2] for r in rows])
     return seq, SearchIndex.build(kind, dim, vectors, ids, [r[1] for r in rows], params)
@@ -75,7 +79,7 @@ def replay(
 ) -> int | None:
     """Apply every change after ``after`` to ``state`` (not yet published: no lock needed for it).
 
-    Returns the newest sequence applied, or None when the log says every vector was replaced (a
+    Returns the newest sequence applied, or None when the log says every vector was replaced (a schema-1
     re-embedding): the index just built is then of no use and must be built again.
     """
     while (batch := read_changes(store, after, fingerprint)) is not None:

@@ -18,6 +18,7 @@ from service.gallery_input import GalleryError, check_row_number, lookup_labels
 from service.store import Store
 
 ENTRY_COLUMNS = "SELECT id, label, metadata, created_at FROM entries"
+HAS_EMBEDDING = "SELECT 1 FROM embeddings m WHERE m.entry_id = e.id AND m.fingerprint = ?"  # of entry ``e``
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,12 @@ def placeholders(values: Sequence[object]) -> str:
     return ",".join("?" * len(values))
 
 
+def stored_models(store: Store) -> dict[str, int]:
+    """Stored embeddings per model fingerprint."""
+    rows = store.query("SELECT fingerprint, COUNT(*) FROM embeddings GROUP BY fingerprint ORDER BY fingerprint")
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
 def _entry(row: Sequence[Any]) -> Entry:
     metadata = json.loads(row[2])
     if "\\ud" in row[2]:  # rows written before lone surrogates were refused: answerable once replaced
@@ -51,14 +58,15 @@ class StoredRows:
     fingerprint: str
 
     @property
-    def stored_fingerprint(self) -> str:
-        """The model the gallery's index belongs to (differs from ``fingerprint`` until re-embedded)."""
-        return str(self._db.query("SELECT value FROM meta WHERE key = 'fingerprint'")[0][0])
-
-    @property
     def pending_reembed(self) -> int:
-        """Entries embedded by another model; they are left out of the index until re-embedded."""
-        return int(self._db.query("SELECT COUNT(*) FROM entries WHERE fingerprint != ?", (self.fingerprint,))[0][0])
+        """Entries with no embedding of this gallery's model (enrolled through a replica on another model, or
+        before an upgrade); they are left out of the index until :meth:`Gallery.reembed` embeds them."""
+        missing = f"SELECT COUNT(*) FROM entries e WHERE NOT EXISTS ({HAS_EMBEDDING})"
+        return int(self._db.query(missing, (self.fingerprint,))[0][0])
+
+    def models(self) -> dict[str, int]:
+        """Stored embeddings per model fingerprint (several during a rolling upgrade)."""
+        return stored_models(self._db)
 
     def count(self) -> int:
         """Entries in SQLite, whatever their model."""
@@ -81,7 +89,8 @@ class StoredRows:
         """The current-model embeddings of ``label`` (0×dim when unknown)."""
         forms = lookup_labels(label)
         rows = self._db.query(
-            f"SELECT embedding FROM entries WHERE label IN ({placeholders(forms)}) AND fingerprint = ? ORDER BY id",
+            "SELECT m.embedding FROM entries e JOIN embeddings m ON m.entry_id = e.id "
+            f"WHERE e.label IN ({placeholders(forms)}) AND m.fingerprint = ? ORDER BY e.id",
             (*forms, self.fingerprint),
         )
         return self._decode_vectors([r[0] for r in rows])

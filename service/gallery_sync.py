@@ -22,8 +22,10 @@ logger = logging.getLogger("centerid.sync")
 
 REPLAY_BATCH = 5000
 REPLAY = (
-    "SELECT c.seq, c.op, c.entry_id, e.label, e.embedding, e.fingerprint FROM changes c "
-    "LEFT JOIN entries e ON e.id = c.entry_id WHERE c.seq > ? ORDER BY c.seq LIMIT ?"
+    "SELECT c.seq, c.op, c.entry_id, c.fingerprint, e.label, m.embedding FROM changes c "
+    "LEFT JOIN entries e ON e.id = c.entry_id "
+    "LEFT JOIN embeddings m ON m.entry_id = c.entry_id AND m.fingerprint = c.fingerprint "
+    "WHERE c.seq > ? ORDER BY c.seq LIMIT ?"
 )
 
 
@@ -37,22 +39,27 @@ class ChangeBatch:
     add_labels: list[str] = field(default_factory=list)
     add_blobs: list[bytes] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
+    foreign_adds: int = 0  # entries enrolled with another model's vector: this model still has to embed them
 
 
 def read_changes(store: Store, after: int, fingerprint: str, limit: int = REPLAY_BATCH) -> ChangeBatch | None:
     """The changes after sequence ``after`` (at most ``limit``), or None when there are none.
 
     An add whose entry is gone by now was deleted later in the log (ids are never reused): it is skipped.
-    Vectors of another model never enter the index.
+    Vectors of another model never enter the index; an entry that arrived with one is counted in
+    ``foreign_adds`` (it waits for an embedding of this model, see :meth:`Gallery.reembed`).
     """
     rows = store.query(REPLAY, (after, limit))
     if not rows:
         return None
     batch = ChangeBatch(last_seq=int(rows[-1][0]))
-    for _seq, op, entry_id, label, embedding, entry_fingerprint in rows:
+    for _seq, op, entry_id, change_fingerprint, label, embedding in rows:
         if op == CHANGE_REBUILD:
             batch.rebuild = True
-        elif op == CHANGE_ADD and label is not None and entry_fingerprint == fingerprint:
+        elif op == CHANGE_ADD and label is not None and embedding is not None:
+            if change_fingerprint != fingerprint:
+                batch.foreign_adds += 1
+                continue
             batch.add_ids.append(int(entry_id))
             batch.add_labels.append(label)
             batch.add_blobs.append(bytes(embedding))

@@ -326,7 +326,9 @@ class GalleryInfo(BaseModel):
     identities: int
     index: str = Field(description="FAISS index kind: flat, hnsw or ivf")
     search: str = Field(description="the FAISS index searched now, with its search-time settings")
-    fingerprint: str = Field(description="model the stored embeddings belong to (= the model's once ready)")
+    fingerprint: str = Field(description="the model whose embeddings this replica's index searches (the bundle's)")
+    pending: int = Field(description="entries without an embedding of this model yet (enrolled on another model)")
+    models: dict[str, int] = Field(description="stored embeddings per model fingerprint (two during an upgrade)")
 
 
 class BackendInfo(BaseModel):
@@ -366,6 +368,8 @@ class Info(BaseModel):
                 "index": "flat",
                 "search": "IndexFlatIP",
                 "fingerprint": "3f2a9c1b7d4e…",
+                "pending": 0,
+                "models": {"3f2a9c1b7d4e…": 120},
             },
             "max_batch": 32,
             "backend": {"name": "onnxruntime", "requested": "auto", "reason": "measured"},

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     follow_poll_s: float = Field(
         1.0, gt=0, le=60, description="a replica re-reads the shared change log at least this often (seconds)"
     )
+    change_log_keep: int = Field(
+        100_000,
+        ge=1,
+        description="change-log records kept after an index snapshot; a replica further behind rebuilds instead",
+    )
     api_keys: str = Field("", description="comma-separated API keys; empty = no authentication")
     admin_keys: str = Field("", description="comma-separated keys required for gallery writes; empty = any API key")
     metrics_public: bool = Field(True, description="serve /metrics without a key")

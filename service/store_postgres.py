@@ -14,6 +14,7 @@ replaces broken ones in the background, so the store reconnects by itself once t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import uuid
@@ -25,15 +26,15 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from service.gallery_db import SCHEMA_VERSION, lock_folder
+from service.gallery_db import lock_folder
 from service.gallery_input import GalleryError
+from service.store import SCHEMA_VERSION, check_schema
 
 logger = logging.getLogger("centerid.store")
 
 CHANNEL = "centerid_changes"
 WRITE_LOCK = 0x63656E746572  # pg_advisory_xact_lock key ("center"): one writer at a time, all replicas
 SCHEMA_LOCK = WRITE_LOCK + 1
-SESSION_LOCKS = {"reembed": WRITE_LOCK + 2}  # pg_advisory_lock keys held across transactions, by purpose
 CONNECT_TIMEOUT_S = 5
 
 SCHEMA = """
@@ -42,20 +43,25 @@ CREATE TABLE IF NOT EXISTS entries (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     label TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    embedding BYTEA NOT NULL,
-    fingerprint TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_by_label ON entries (label, id);
-CREATE INDEX IF NOT EXISTS entries_by_fingerprint ON entries (fingerprint);
 CREATE TABLE IF NOT EXISTS images (
     entry_id BIGINT PRIMARY KEY REFERENCES entries (id) ON DELETE CASCADE,
     data BYTEA NOT NULL
 );
+CREATE TABLE IF NOT EXISTS embeddings (
+    entry_id BIGINT NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+    fingerprint TEXT NOT NULL,
+    embedding BYTEA NOT NULL,
+    PRIMARY KEY (fingerprint, entry_id)
+);
+CREATE INDEX IF NOT EXISTS embeddings_by_entry ON embeddings (entry_id);
 CREATE TABLE IF NOT EXISTS changes (
     seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     op TEXT NOT NULL,
-    entry_id BIGINT NOT NULL
+    entry_id BIGINT NOT NULL,
+    fingerprint TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -120,9 +126,7 @@ class PostgresStore:
         with self._connection() as connection, connection.transaction():
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             connection.execute(SCHEMA)
-            stored = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-            if stored.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-                raise GalleryError(f"gallery schema {stored['schema_version']} is not {SCHEMA_VERSION}")
+            check_schema(PostgresTransaction(connection))
             defaults = {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint, "dim": str(dim)}
             defaults["gallery_id"] = uuid.uuid4().hex
             for key, value in defaults.items():
@@ -166,8 +170,9 @@ class PostgresStore:
             raise _unavailable(error) from None
 
     def session_lock(self, name: str) -> AdvisoryLock:
-        """A session-level advisory lock (e.g. "reembed": one replica re-embeds for a new model)."""
-        return AdvisoryLock(self.url, SESSION_LOCKS[name])
+        """A session-level advisory lock named by its purpose (e.g. "embed:<fingerprint>": one replica of a
+        model embeds what that model lacks). The key is the name's hash, the same on every replica."""
+        return AdvisoryLock(self.url, session_lock_key(name))
 
     def close(self) -> None:
         if self._listener is not None:
@@ -177,6 +182,12 @@ class PostgresStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def session_lock_key(name: str) -> int:
+    """A signed 64-bit ``pg_advisory_lock`` key for ``name`` (never one of the transaction locks' keys)."""
+    key = int.from_bytes(hashlib.sha256(f"centerid:{name}".encode()).digest()[:8], "big", signed=True)
+    return key if key not in (WRITE_LOCK, SCHEMA_LOCK) else key ^ 1
 
 
 class AdvisoryLock:

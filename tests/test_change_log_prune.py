@@ -7,10 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+from pydantic import ValidationError
 from test_store_postgres import DIM, brute_force, vectors
 
 from service import index_snapshot
 from service.gallery import Gallery
+from service.settings import Settings
 from service.store import LAST_SEQ
 
 
@@ -79,3 +82,15 @@ def test_a_snapshot_from_before_the_pruned_horizon_is_not_loaded(tmp_path: Path)
         ident, params = gallery._snapshot_identity(), gallery.params
     assert index_snapshot.load(tmp_path, ident, params, newest_seq=12, pruned_through=10) is not None
     assert index_snapshot.load(tmp_path, ident, params, newest_seq=12, pruned_through=11) is None
+
+
+def test_the_kept_length_is_the_galleries_setting(tmp_path: Path) -> None:
+    """CENTERID_CHANGE_LOG_KEEP reaches the prune that follows every snapshot (here: the one at close)."""
+    data = vectors(12, seed=13)
+    with Gallery.open(tmp_path, DIM, "m", change_log_keep=4) as gallery:
+        gallery.add("a", data, [b"x"] * 12)
+    with Gallery.open(tmp_path, DIM, "m", change_log_keep=4) as reopened:
+        assert changes(reopened) == list(range(9, 13))
+        assert_answers_like(reopened, {e.id: data[n] for n, e in enumerate(reopened.entries("a"))})
+    with pytest.raises(ValidationError, match="change_log_keep"):
+        Settings(change_log_keep=0)

@@ -48,7 +48,7 @@ def hnsw(tmp_path: Path) -> Iterator[Gallery]:
 
 def stored_live(gallery: Gallery) -> tuple[list[int], np.ndarray]:
     """The store's live current-model entries, read straight from the database (the reference)."""
-    rows = gallery._db.query("SELECT id, embedding FROM entries WHERE fingerprint = ? ORDER BY id", ("m",))
+    rows = gallery._db.query("SELECT entry_id, embedding FROM embeddings WHERE fingerprint = 'm' ORDER BY entry_id")
     return [int(r[0]) for r in rows], gallery._decode_vectors([r[1] for r in rows])
 
 

@@ -68,6 +68,36 @@ def test_enroll_on_a_found_on_b_and_delete_on_b_gone_from_a(bundle_dir: Path, tm
         b.stop()
 
 
+def test_replicas_on_an_old_and_a_new_model_serve_side_by_side(
+    bundle_dir: Path, second_bundle_dir: Path, tmp_path: Path, database: str
+) -> None:
+    """A rolling upgrade: B starts on a new bundle beside A on the old one. B embeds the gallery with its own
+    model before it is ready while A keeps answering; afterwards an entry enrolled on either replica is
+    found on both (the other model embeds its stored image), and a delete on one is gone from the other."""
+    a = replica(bundle_dir, tmp_path / "a", database)
+    try:
+        with httpx.Client(base_url=a.url, timeout=30) as on_a:
+            before = [enroll(on_a, f"p{person}", person, 1).json()["entries"][0]["id"] for person in range(31, 34)]
+            b = replica(second_bundle_dir, tmp_path / "b", database)  # ready = the gallery embedded by its model
+            try:
+                with httpx.Client(base_url=b.url, timeout=30) as on_b:
+                    a_model, b_model = (h.get("/info").json()["model"]["fingerprint"] for h in (on_a, on_b))
+                    assert a_model != b_model
+                    for entry, person in zip(before, range(31, 34), strict=True):
+                        assert entry in identified(on_b, person, 2) and entry in identified(on_a, person, 2)
+                    on_old = enroll(on_a, "p35", 35, 1).json()["entries"][0]["id"]
+                    on_new = enroll(on_b, "p36", 36, 1).json()["entries"][0]["id"]
+                    poll(lambda: on_old in identified(on_b, 35, 2) and on_new in identified(on_a, 36, 2))
+                    gallery = on_b.get("/info").json()["gallery"]
+                    assert gallery["fingerprint"] == b_model and gallery["models"] == {a_model: 5, b_model: 5}
+                    assert on_b.delete("/gallery/p35").status_code == 204
+                    poll(lambda: on_old not in identified(on_a, 35, 2))
+            finally:
+                b.stop()
+    finally:
+        a.stop()
+
+
 def test_kill_9_during_a_burst_loses_no_acknowledged_entry(bundle_dir: Path, tmp_path: Path, database: str) -> None:
     a = replica(bundle_dir, tmp_path / "a", database)
     b = replica(bundle_dir, tmp_path / "b", database)

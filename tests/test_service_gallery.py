@@ -132,7 +132,7 @@ def test_reopen_rebuilds_from_sqlite_and_ids_are_never_reused(tmp_path: Path) ->
         assert later[0].id > first[-1].id
 
 
-def test_reembed_replaces_every_vector_before_searching(tmp_path: Path) -> None:
+def test_reembed_adds_the_new_models_vectors_before_searching(tmp_path: Path) -> None:
     vectors, _ = clustered(12, seed=7)
     with Gallery.open(tmp_path, DIM, "old", "flat") as gallery:
         entries = gallery.add("a", vectors, [bytes([i]) for i in range(12)])
@@ -143,7 +143,7 @@ def test_reembed_replaces_every_vector_before_searching(tmp_path: Path) -> None:
         return new_vectors[[blob[0] for blob in blobs]]
 
     with Gallery.open(tmp_path, new_dim, "new", "flat") as gallery:
-        assert gallery.pending_reembed == 12 and gallery.stored_fingerprint == "old"
+        assert gallery.pending_reembed == 12 and gallery.models() == {"old": 12}
         with pytest.raises(GalleryError, match="another model"):
             gallery.search(np.ones(new_dim), 1)
         with pytest.raises(GalleryError, match="another model"):
@@ -151,7 +151,7 @@ def test_reembed_replaces_every_vector_before_searching(tmp_path: Path) -> None:
         progress: list[tuple[int, int]] = []
         assert gallery.reembed(embed, batch_size=5, progress=lambda d, t: progress.append((d, t))) == 12
         assert progress == [(5, 12), (10, 12), (12, 12)]
-        assert gallery.pending_reembed == 0 and gallery.stored_fingerprint == "new"
+        assert gallery.pending_reembed == 0 and gallery.models() == {"new": 12, "old": 12}  # the old ones stay
         expected = new_vectors[:12] / np.linalg.norm(new_vectors[:12], axis=1, keepdims=True)
         np.testing.assert_allclose(gallery.embeddings("a"), expected, rtol=1e-6)
         assert gallery.search(new_vectors[7], 1)[0][0].entry_id == entries[7].id
@@ -293,7 +293,10 @@ def test_database_is_durable_wal_and_whole(tmp_path: Path) -> None:
         gallery.add("a", np.ones((3, DIM)), [b"1", b"2", b"3"])
     db = sqlite3.connect(tmp_path / DB_FILE)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    rows = db.execute("SELECT e.id, length(e.embedding), i.data FROM entries e JOIN images i ON i.entry_id = e.id")
+    rows = db.execute(
+        "SELECT e.id, length(m.embedding), i.data FROM entries e JOIN images i ON i.entry_id = e.id "
+        "JOIN embeddings m ON m.entry_id = e.id ORDER BY e.id"
+    )
     assert [(r[1], r[2]) for r in rows] == [(DIM * 4, b"1"), (DIM * 4, b"2"), (DIM * 4, b"3")]
 
 

@@ -1,0 +1,156 @@
+"""Embeddings per model: how a gallery gets its own model's vector for entries that do not have one yet.
+
+The store keeps one embedding per entry *and* model fingerprint (``service.store``), so during a rolling
+upgrade replicas on the old and the new bundle serve side by side, each searching its own model's vectors.
+An entry lacks this model's vector when it was enrolled before the upgrade, or through a replica on another
+model meanwhile. :meth:`ModelEmbeddings.reembed` embeds those from the stored image, a batch per
+transaction, each batch logged as ordinary adds of this model, so every replica of the model applies it
+incrementally (no rebuild) and an interrupted run resumes where it stopped. One replica per model does the
+work (the store's ``embed:<fingerprint>`` session lock); the others apply its adds and report its progress.
+
+At start the service runs it before it reports ready (searches refuse while the gallery is incomplete).
+Afterwards :class:`Backfill` runs it again in the background whenever the change log brings an entry
+enrolled with another model's vector: until then that entry is missing from this replica's answers, as a
+write of another replica is until the follower has applied it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from service.gallery_index import IndexUpkeep
+from service.gallery_input import GalleryError
+from service.gallery_rows import HAS_EMBEDDING
+from service.store import CHANGE_ADD, log_changes
+
+logger = logging.getLogger("centerid.gallery")
+
+REEMBED_POLL_S = 1.0  # a replica waiting for another one's embedding run re-reads its progress this often
+BACKFILL_POLL_S = 60.0  # the backfill also looks for entries without this model's vector this often
+
+MISSING = (
+    "SELECT e.id, i.data FROM entries e JOIN images i ON i.entry_id = e.id "
+    f"WHERE e.id > ? AND NOT EXISTS ({HAS_EMBEDDING}) ORDER BY e.id LIMIT ?"
+)
+# Stores the vector only if the entry still exists (it may be deleted while its image is embedded) and no
+# replica of this model stored one first; returns the entry id when it did.
+STORE_VECTOR = (
+    "INSERT INTO embeddings (entry_id, fingerprint, embedding) SELECT id, ?, ? FROM entries WHERE id = ? "
+    "ON CONFLICT DO NOTHING RETURNING entry_id"
+)
+
+Embed = Callable[[list[bytes]], np.ndarray]
+Progress = Callable[[int, int], None]
+
+
+class ModelEmbeddings(IndexUpkeep):
+    """The re-embedding side of the gallery, mixed into :class:`service.gallery.Gallery`."""
+
+    _closing: threading.Event
+    _backfill: Backfill | None
+
+    def reembed(self, embed: Embed, batch_size: int = 64, progress: Progress | None = None) -> int:
+        """Embed with this model every entry that has no vector of it; returns how many this call stored.
+
+        ``embed`` maps encoded image files to N×dim embeddings. When the gallery opened incomplete, searches
+        and adds refuse until the first call returns; later calls (the backfill) leave them answering.
+        """
+        total = self.pending_reembed
+        if not total:
+            self._stale = 0
+            return 0
+        self._reembed_progress = (0, total)
+        lock = self._db.session_lock(f"embed:{self.fingerprint}")
+        try:
+            while not lock.try_acquire():  # another replica of this model embeds: report its progress
+                everything = self.count()
+                self._note_reembed(max(everything - self.pending_reembed, 0), everything, progress)
+                if self._closing.wait(REEMBED_POLL_S):
+                    raise GalleryError("the gallery closed while waiting for another replica's re-embedding")
+            done = self._embed_missing(embed, max(int(batch_size), 1), total, progress)
+        finally:
+            lock.release()
+        with self._write_lock:
+            self._catch_up_locked()  # what another replica of this model stored while this one waited
+            self._stale = 0
+            self._reembed_progress = None
+        return done
+
+    def _embed_missing(self, embed: Embed, batch: int, total: int, progress: Progress | None) -> int:
+        done = last_id = 0
+        while rows := self._db.query(MISSING, (last_id, self.fingerprint, batch)):
+            vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
+            if len(vectors) != len(rows):
+                raise GalleryError(f"re-embedding returned {len(vectors)} vectors for {len(rows)} images")
+            with self._write_lock:
+                with self._db.transaction() as db:
+                    stored = []
+                    for row, vector in zip(rows, vectors, strict=True):
+                        args = (self.fingerprint, vector.astype("<f4").tobytes(), int(row[0]))
+                        stored += [int(r[0]) for r in db.execute(STORE_VECTOR, args)]
+                    log_changes(db, CHANGE_ADD, stored, self.fingerprint)
+                self._catch_up_locked()
+            done += len(stored)
+            last_id = int(rows[-1][0])
+            self._note_reembed(min(done, total), max(total, done), progress)
+        return done
+
+    def _note_reembed(self, done: int, total: int, progress: Progress | None) -> None:
+        self._reembed_progress = (done, total)
+        if progress is not None:
+            progress(done, total)
+
+    def start_backfill(self, embed: Embed, batch_size: int = 64) -> None:
+        """Embed in the background what replicas on other models enroll (a shared store only)."""
+        if self._db.shared and self._backfill is None:
+            self._backfill = Backfill(lambda: self.reembed(embed, batch_size), BACKFILL_POLL_S).start()
+
+    def _saw_foreign_adds(self) -> None:
+        """Called by the change-log replay: entries arrived with another model's vector only."""
+        if self._backfill is not None:
+            self._backfill.nudge()
+
+
+class Backfill:
+    """One thread that runs the gallery's re-embedding when nudged, and at least every ``poll_s`` seconds
+    (entries a background rebuild's replay passed over are found that way)."""
+
+    def __init__(self, run: Callable[[], int], poll_s: float) -> None:
+        self._run_once = run
+        self._poll_s = poll_s
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gallery-backfill", daemon=True)
+
+    def start(self) -> Backfill:
+        self._thread.start()
+        return self
+
+    def nudge(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self._poll_s)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                stored = self._run_once()
+            except GalleryError as error:  # the store is away, or the gallery closes: try again later
+                logger.warning("embedding other models' entries with this model failed; retrying: %s", error)
+                continue
+            except Exception:  # keep going: one bad image must not stop this replica converging for good
+                logger.exception("embedding other models' entries with this model failed; retrying")
+                continue
+            if stored:
+                logger.info("embedded %d entries enrolled through replicas on other models", stored)
