@@ -233,6 +233,7 @@ def shutdown(state: ServiceState) -> None:
         state.faces.close()
     if state.detect_only is not None:
         state.detect_only.close()
+    state.decode.close()
 
 
 def warn_if_open(settings: Settings) -> None:

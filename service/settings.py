@@ -117,6 +117,9 @@ class Settings(BaseSettings):
         1280, ge=64, le=8192, description="photos are decoded for detection at most this many pixels on a side"
     )
     detect_threads: int = Field(1, ge=1, le=64, description="threads running detection + alignment (off the loop)")
+    decode_threads: int | None = Field(
+        None, ge=1, le=64, description="threads decoding uploads too large to decode on the event loop; unset = cores"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -185,6 +188,10 @@ class Settings(BaseSettings):
         """One core is left to the event loop, decoding and FAISS: OpenMP threads spin while they wait, so
         a forward pass that shares its cores slows down by far more than one thread's worth."""
         return self.torch_threads or max(1, available_cores() - 1)
+
+    @property
+    def decode_thread_count(self) -> int:
+        return self.decode_threads or available_cores()
 
     @property
     def model_cache_path(self) -> Path:

@@ -19,7 +19,7 @@ from service.faces import FaceFinder, FoundFace, LazyFinder
 from service.gallery import Gallery
 from service.images import PendingImage, load_for_model, open_upload
 from service.metrics import Metrics
-from service.offload import INLINE_MAX_BYTES, INLINE_MAX_COST, run_small_inline
+from service.offload import INLINE_MAX_BYTES, INLINE_MAX_COST, DecodePool
 from service.operating_point import OperatingPoint
 from service.settings import Settings
 from service.strangers import StrangerStore
@@ -45,9 +45,11 @@ class ServiceState:
     status: str = "starting"
     extras: dict[str, object] = field(default_factory=dict)
     admission: AdmissionGate = field(init=False)  # the global in-flight decode budget
+    decode: DecodePool = field(init=False)  # where large uploads are decoded (small ones: on the loop)
 
     def __post_init__(self) -> None:
         self.admission = AdmissionGate(self.settings.max_inflight_pixels, self.settings.admission_wait_ms / 1000.0)
+        self.decode = DecodePool(self.settings.decode_thread_count)
 
     @property
     def aligns(self) -> bool:
@@ -185,7 +187,7 @@ async def read_uploads(
     deadline: float | None = None,
     every_face: bool = False,
 ) -> Uploads:
-    """Read, decode and preprocess uploads; small ones on the event loop, the rest in the threadpool.
+    """Read, decode and preprocess uploads; small ones on the event loop, the rest on the decode pool.
 
     Every header is read and checked first, and the request's decode cost charged against
     CENTERID_MAX_REQUEST_PIXELS (413) before any pixel is decoded. Each image is then decoded only once
@@ -203,7 +205,7 @@ async def read_uploads(
     tensors = []
     for upload in pending:
         async with state.admission.reserve(upload.cost, upload.field, deadline):
-            image = await run_small_inline(upload.cost <= INLINE_MAX_COST, load_for_model, upload, preprocess)
+            image = await state.decode.run(upload.cost <= INLINE_MAX_COST, load_for_model, upload, preprocess)
         tensors.append(preprocess.to_tensor(image))
     return Uploads(blobs, torch.stack(tensors), list(range(len(blobs))))
 
@@ -233,7 +235,7 @@ async def open_checked(blobs: list[bytes], names: list[str], state: ServiceState
             for blob, name in zip(blobs, names, strict=True)
         ]
 
-    pending = await run_small_inline(sum(map(len, blobs)) <= INLINE_MAX_BYTES, open_all)
+    pending = await state.decode.run(sum(map(len, blobs)) <= INLINE_MAX_BYTES, open_all)
     check_request_budget(pending, settings.max_request_pixels)
     return pending
 
