@@ -24,7 +24,6 @@ import numpy as np
 
 from service.gallery_index import IndexUpkeep
 from service.gallery_input import GalleryError
-from service.gallery_rows import HAS_EMBEDDING
 from service.store import CHANGE_ADD, log_changes
 
 logger = logging.getLogger("centerid.gallery")
@@ -32,6 +31,7 @@ logger = logging.getLogger("centerid.gallery")
 REEMBED_POLL_S = 1.0  # a replica waiting for another one's embedding run re-reads its progress this often
 BACKFILL_POLL_S = 60.0  # the backfill also looks for entries without this model's vector this often
 
+HAS_EMBEDDING = "SELECT 1 FROM embeddings m WHERE m.entry_id = e.id AND m.fingerprint = ?"  # of entry ``e``
 MISSING = (
     "SELECT e.id, i.data FROM entries e JOIN images i ON i.entry_id = e.id "
     f"WHERE e.id > ? AND NOT EXISTS ({HAS_EMBEDDING}) ORDER BY e.id LIMIT ?"

@@ -18,7 +18,6 @@ from service.gallery_input import GalleryError, check_row_number, lookup_labels
 from service.store import Store
 
 ENTRY_COLUMNS = "SELECT id, label, metadata, created_at FROM entries"
-HAS_EMBEDDING = "SELECT 1 FROM embeddings m WHERE m.entry_id = e.id AND m.fingerprint = ?"  # of entry ``e``
 
 
 @dataclass(frozen=True)
@@ -61,8 +60,10 @@ class StoredRows:
     def pending_reembed(self) -> int:
         """Entries with no embedding of this gallery's model (enrolled through a replica on another model, or
         before an upgrade); they are left out of the index until :meth:`Gallery.reembed` embeds them."""
-        missing = f"SELECT COUNT(*) FROM entries e WHERE NOT EXISTS ({HAS_EMBEDDING})"
-        return int(self._db.query(missing, (self.fingerprint,))[0][0])
+        # Every embedding belongs to a live entry (foreign key, deleted with it) and there is at most one per
+        # model: the difference of two counts, not an anti-join probing every entry (seconds at 1M).
+        missing = "SELECT (SELECT COUNT(*) FROM entries) - (SELECT COUNT(*) FROM embeddings WHERE fingerprint = ?)"
+        return max(int(self._db.query(missing, (self.fingerprint,))[0][0]), 0)  # one statement: one snapshot
 
     def models(self) -> dict[str, int]:
         """Stored embeddings per model fingerprint (several during a rolling upgrade)."""
