@@ -221,6 +221,8 @@ def shutdown(state: ServiceState) -> None:
     state.ready = False
     state.status = "shutting down"
     state.metrics.ready.set(0)
+    if state.gallery is not None:
+        state.gallery.stop_backfill()  # it calls the embedder
     if state.embedder is not None:
         state.embedder.stop()
     if state.operating_point is not None:

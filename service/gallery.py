@@ -88,6 +88,7 @@ class Gallery(ModelEmbeddings):
         self._reembed_progress: tuple[int, int] | None = None
         self._follower: Follower | None = None
         self._backfill: Backfill | None = None
+        self._stop_embedding = threading.Event()
         self._rebuilder = Rebuilder(self._background_rebuild)
         self._closing = threading.Event()
         self._closed = False
@@ -138,8 +139,7 @@ class Gallery(ModelEmbeddings):
     def close(self) -> None:
         """Stop following and rebuilding, write a snapshot for the next start, and close the store."""
         self._closing.set()
-        if self._backfill is not None:
-            self._backfill.stop()
+        self.stop_backfill()
         if self._follower is not None:
             self._follower.stop()
         self._rebuilder.close()

@@ -51,6 +51,7 @@ class ModelEmbeddings(IndexUpkeep):
     """The re-embedding side of the gallery, mixed into :class:`service.gallery.Gallery`."""
 
     _closing: threading.Event
+    _stop_embedding: threading.Event
     _backfill: Backfill | None
 
     def reembed(self, embed: Embed, batch_size: int = 64, progress: Progress | None = None) -> int:
@@ -71,7 +72,12 @@ class ModelEmbeddings(IndexUpkeep):
                 self._note_reembed(max(everything - self.pending_reembed, 0), everything, progress)
                 if self._closing.wait(REEMBED_POLL_S):
                     raise GalleryError("the gallery closed while waiting for another replica's re-embedding")
+                if self._stop_embedding.is_set():
+                    raise GalleryError("re-embedding stopped: the gallery is closing")
             done = self._embed_missing(embed, max(int(batch_size), 1), total, progress)
+        except BaseException:
+            self._reembed_progress = None  # /ready must not show a run that is over; _stale stays as it was
+            raise
         finally:
             lock.release()
         with self._write_lock:
@@ -83,6 +89,8 @@ class ModelEmbeddings(IndexUpkeep):
     def _embed_missing(self, embed: Embed, batch: int, total: int, progress: Progress | None) -> int:
         done = last_id = 0
         while rows := self._db.query(MISSING, (last_id, self.fingerprint, batch)):
+            if self._closing.is_set() or self._stop_embedding.is_set():  # what is committed stays
+                raise GalleryError("re-embedding stopped: the gallery is closing")
             vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
             if len(vectors) != len(rows):
                 raise GalleryError(f"re-embedding returned {len(vectors)} vectors for {len(rows)} images")
@@ -108,6 +116,14 @@ class ModelEmbeddings(IndexUpkeep):
         """Embed in the background what replicas on other models enroll (a shared store only)."""
         if self._db.shared and self._backfill is None:
             self._backfill = Backfill(lambda: self.reembed(embed, batch_size), BACKFILL_POLL_S).start()
+
+    def stop_backfill(self) -> None:
+        """Stop embedding (the background one, and a start-up one between batches) before the embedder it
+        calls is stopped; the next start goes on from what was committed."""
+        self._stop_embedding.set()
+        if self._backfill is not None:
+            self._backfill.stop()
+            self._backfill = None
 
     def _saw_foreign_adds(self) -> None:
         """Called by the change-log replay: entries arrived with another model's vector only."""

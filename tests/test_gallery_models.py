@@ -14,7 +14,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from service.gallery import DB_FILE, Gallery
+from service.gallery import DB_FILE, Gallery, GalleryError
 
 DIM = 16
 IMAGES = 40  # "image" n is the bytes b"n"; each model maps it to its own fixed random vector
@@ -199,3 +199,24 @@ def test_a_gallery_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(Exception, match="gallery schema 3 is not 2"):
         Gallery.open(tmp_path, DIM, "m")
+
+
+def test_stopping_ends_a_re_embedding_between_batches_and_the_next_start_goes_on(tmp_path: Path) -> None:
+    with Gallery.open(tmp_path, DIM, "model-old") as old:
+        image_of = enroll(old, OLD, "a", range(0, 10))
+    gallery = Gallery.open(tmp_path, DIM, "model-new")
+    embed_new = embedder(NEW)
+
+    def embed_then_stop(blobs: list[bytes]) -> np.ndarray:
+        gallery.stop_backfill()  # what the service's shutdown does while a batch is being embedded
+        return embed_new(blobs)
+
+    with pytest.raises(GalleryError, match="stopped"):
+        gallery.reembed(embed_then_stop, batch_size=4)
+    assert gallery.pending_reembed == 6 and gallery.status().reembed is None  # the first batch is committed
+    with pytest.raises(GalleryError, match="another model"):
+        gallery.search(NEW[0], 1)  # still incomplete: refused, not answered from 4 of 10 entries
+    gallery.close()
+    with Gallery.open(tmp_path, DIM, "model-new") as reopened:
+        assert reopened.reembed(embed_new, batch_size=4) == 6
+        answers(reopened, NEW, image_of)
