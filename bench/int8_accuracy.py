@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -97,10 +98,25 @@ def throughput(backends: dict[str, Forward], batch: np.ndarray, rounds: int, sec
             "min": min(values),
             "max": max(values),
             "cpu_ms_per_image": statistics.median(cpu_ms[name]),
-            "ratio_to_onnxruntime": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+            "ratio_to_onnxruntime": {
+                "median": statistics.median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+                "rounds_faster": sum(ratio > 1 for ratio in ratios),
+                "sign_test_p": sign_test(sum(ratio > 1 for ratio in ratios), sum(ratio != 1 for ratio in ratios)),
+            },
             "rounds": values,
         }
     return result
+
+
+def sign_test(wins: int, trials: int) -> float:
+    """Two-sided exact sign test: how likely ``wins`` of ``trials`` (or a split as uneven) under a coin flip."""
+    if trials == 0:
+        return 1.0
+    extreme = max(wins, trials - wins)
+    tail = sum(math.comb(trials, k) for k in range(extreme, trials + 1)) / 2**trials
+    return min(1.0, 2 * tail)
 
 
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
@@ -212,7 +228,8 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(
             f"{name:>16}: {value['median']:8.1f} images/s (rounds {value['min']:.1f}–{value['max']:.1f}), "
             f"{value['cpu_ms_per_image']:.3f} CPU ms/image, ×{ratio['median']:.3f} "
-            f"[{ratio['min']:.3f}, {ratio['max']:.3f}] of fp32 onnxruntime per round"
+            f"[{ratio['min']:.3f}, {ratio['max']:.3f}] of fp32 onnxruntime per round, faster in "
+            f"{ratio['rounds_faster']}/{len(value['rounds'])} rounds (sign test p {ratio['sign_test_p']:.3g})"
         )
     for recipe, value in result["recipes"].items():
         tar, rank1, cosine = value["tar_points"], value["rank1_points"], value["cosine_to_fp32"]
