@@ -26,6 +26,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,9 +36,9 @@ import numpy as np
 import torch
 
 from bench.common import display_command, machine
+from bench.int8_quantize import RECIPES, quantize
 from bench.unseen_metrics import _pair_scores, identification, split_identities, verification
 from service.backends import OnnxRuntimeBackend, TorchBackend, export_onnx, min_cosine
-from service.backends_int8 import RECIPES, quantize
 from training.bundle import Bundle, load_bundle
 from training.data import ImageDataset, Sample, scan_image_folder
 
@@ -108,6 +109,28 @@ def throughput(backends: dict[str, Forward], batch: np.ndarray, rounds: int, sec
             "rounds": values,
         }
     return result
+
+
+def op_profile(model: bytes, batch: np.ndarray, threads: int, runs: int = 20) -> dict[str, float]:
+    """Where a model's forward spends its time: ONNX Runtime's own per-node profile of ``runs`` calls on
+    ``batch`` (after its graph optimisations and QDQ fusions), summed by operator, in ms per call."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="centerid-profile-") as folder:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, {"input": batch})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1000 / runs
+    return dict(sorted(per_op.items(), key=lambda item: -item[1]))
 
 
 def sign_test(wins: int, trials: int) -> float:
@@ -187,10 +210,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": TorchBackend(bundle),
         "onnxruntime": OnnxRuntimeBackend(fp32_model, args.threads),
     }
-    quantize_s = {}
+    quantize_s, models = {}, {"onnxruntime": fp32_model}
     for recipe in args.recipes:
         started = time.perf_counter()
-        backends[f"int8-{recipe}"] = OnnxRuntimeBackend(quantize(fp32_model, recipe, calibration), args.threads)
+        models[f"int8-{recipe}"] = quantize(fp32_model, recipe, calibration)
+        backends[f"int8-{recipe}"] = OnnxRuntimeBackend(models[f"int8-{recipe}"], args.threads)
         quantize_s[recipe] = time.perf_counter() - started
     speed = throughput(backends, unseen[: args.batch], args.rounds, args.seconds)
     fp32 = embed(backends["onnxruntime"], unseen)
@@ -204,6 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_vs_onnxruntime_min_cosine": min_cosine(embed(backends["torch"], unseen), fp32),
         "images_per_s": speed,
         "quantize_s": quantize_s,
+        "op_ms_per_batch": {name: op_profile(m, unseen[: args.batch], args.threads) for name, m in models.items()},
         "recipes": {},
     }
     for recipe in args.recipes:
@@ -231,6 +256,9 @@ def summary(result: dict[str, Any]) -> str:
             f"[{ratio['min']:.3f}, {ratio['max']:.3f}] of fp32 onnxruntime per round, faster in "
             f"{ratio['rounds_faster']}/{len(value['rounds'])} rounds (sign test p {ratio['sign_test_p']:.3g})"
         )
+    for name, ops in result["op_ms_per_batch"].items():
+        top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(ops.items())[:5])
+        lines.append(f"{name:>16}: {sum(ops.values()):.2f} kernel ms per batch of {result['config']['batch']} ({top})")
     for recipe, value in result["recipes"].items():
         tar, rank1, cosine = value["tar_points"], value["rank1_points"], value["cosine_to_fp32"]
         lines.append(

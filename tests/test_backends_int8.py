@@ -14,9 +14,18 @@ from conftest import Faces
 from PIL import Image
 
 from bench import int8_accuracy
-from bench.int8_accuracy import agreement, calibration_samples, paired, sign_test, tensors, throughput, unseen_samples
+from bench.int8_accuracy import (
+    agreement,
+    calibration_samples,
+    op_profile,
+    paired,
+    sign_test,
+    tensors,
+    throughput,
+    unseen_samples,
+)
+from bench.int8_quantize import RECIPES, quantize
 from service.backends import OnnxRuntimeBackend, TorchBackend, export_onnx
-from service.backends_int8 import RECIPES, quantize
 from training.bundle import load_bundle
 
 # Lowest per-image cosine between int8 and fp32 embeddings measured by bench.int8_accuracy on unseen
@@ -54,6 +63,18 @@ def test_static_int8_stays_close_to_fp32_on_held_out_faces(
     int8 = OnnxRuntimeBackend(model, threads=1)(held_out)
     assert agreement(fp32, int8)["min"] >= INT8_MIN_COSINE
     np.testing.assert_allclose(np.linalg.norm(int8, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_profile_sees_the_fused_int8_convolutions(
+    bundle_dir: Path, calibration: np.ndarray, held_out: np.ndarray
+) -> None:
+    """ONNX Runtime fuses DequantizeLinear → Conv → QuantizeLinear into QLinearConv; the profile says so."""
+    fp32 = export_onnx(load_bundle(bundle_dir))
+    plain, quantized = (op_profile(m, held_out[:8], 1, runs=2) for m in (fp32, quantize(fp32, "static", calibration)))
+    assert "Conv" in plain and "QLinearConv" not in plain
+    assert "QLinearConv" in quantized and "Conv" not in quantized
+    assert sum(plain.values()) > 0 and sum(quantized.values()) > 0  # a reshape may take 0 µs, a network not
+    assert list(plain.values()) == sorted(plain.values(), reverse=True)
 
 
 def test_int8_of_other_weights_or_uncalibrated_noise_fails_the_bar(

@@ -6,6 +6,9 @@ is scored on) and ``dynamic`` (int8 weights, activation ranges computed per batc
 calibration). Both start from :func:`onnxruntime.quantization.shape_inference.quant_pre_process`, which
 folds and shape-infers the graph as the tool recommends. ``bench.int8_accuracy`` measures what each costs in
 accuracy on unseen identities and gains in speed.
+
+It lives in ``bench/``, not ``service/``: the measurement did not earn int8 a place among the service's
+backends (docs/benchmarks_int8.md says why), so the service carries no code for it.
 """
 
 from __future__ import annotations
