@@ -8,10 +8,13 @@ and it is faster than fp32 ONNX Runtime. This bench measures both on one bundle:
 - **Recipes.** The exported fp32 model (:func:`service.backends.export_onnx`, the service's own export) is
   quantized two ways: static QDQ (per-channel int8 weights, uint8 activations, MinMax ranges calibrated on a
   fixed set of the bundle's *training* images — only classes the bundle was trained on, never an unseen
-  identity) and dynamic (int8 weights, activation ranges per batch at run time: ConvInteger).
+  identity; ``--calibration-source noise`` calibrates on seeded N(0, 1) noise instead, to show what a
+  service without training images at hand would get) and dynamic (int8 weights, activation ranges per batch
+  at run time: ConvInteger).
 - **Speed.** The bare forward (+ normalisation) of torch, ONNX Runtime fp32 and each int8 model at the
   server's batch size and thread count, in interleaved rounds (a load spike hits all of them), median and
-  range of the rounds.
+  range of the rounds, each backend's ratio to fp32 ONNX Runtime within a round and an exact sign test over
+  rounds; and ONNX Runtime's per-operator profile of each model (where the time goes).
 - **Accuracy.** The SAME unseen images embedded by fp32 and by each int8 model; per gallery/stranger seed
   (:func:`bench.unseen_metrics.split_identities`), TAR@FAR and rank-1 for each, and their paired difference
   in points; the spread over seeds is the interval. Also the per-image cosine between fp32 and int8
@@ -204,6 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle)
     calibration, _ = tensors(calibration_samples(args.train, bundle, args.calibration_images), bundle)
+    if args.calibration_source == "noise":  # what a service without training images could calibrate on
+        calibration = np.random.default_rng(0).standard_normal(calibration.shape).astype(np.float32)
     unseen, labels = tensors(unseen_samples(args.unseen, bundle), bundle)
     fp32_model = export_onnx(bundle)
     backends: dict[str, Forward] = {
@@ -278,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
     parser.add_argument("--calibration-images", type=int, default=256)
+    parser.add_argument(
+        "--calibration-source",
+        choices=("train", "noise"),
+        default="train",
+        help="static ranges from training images, or from seeded N(0, 1) noise of the same shape (a comparison)",
+    )
     parser.add_argument("--gallery-size", type=int, default=1000)
     parser.add_argument("--enroll", type=int, default=5)
     parser.add_argument("--far", type=float, default=1e-3)
