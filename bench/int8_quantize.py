@@ -58,18 +58,19 @@ def quantize(model_bytes: bytes, recipe: str, calibration: np.ndarray | None = N
             source, prepared, target = (Path(folder) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
             source.write_bytes(model_bytes)
             quant_pre_process(str(source), str(prepared))
+            spec = RECIPES[recipe]  # the recorded recipe is the one applied
+            weights = getattr(QuantType, spec["weights"])
             if recipe == "dynamic":
-                quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
+                quantize_dynamic(str(prepared), str(target), per_channel=spec["per_channel"], weight_type=weights)
             else:
-                reader = _Batches(calibration, "input")
                 quantize_static(
                     str(prepared),
                     str(target),
-                    reader,  # duck-typed CalibrationDataReader: get_next() until None
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
+                    _Batches(calibration, "input"),  # duck-typed CalibrationDataReader: get_next() until None
+                    quant_format=getattr(QuantFormat, spec["format"]),
+                    per_channel=spec["per_channel"],
+                    activation_type=getattr(QuantType, spec["activations"]),
+                    weight_type=weights,
                 )
             return target.read_bytes()
     finally:
