@@ -35,6 +35,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Open-set error rates (glyphs)", "docs/benchmarks_open_set.md", ()),  # its tables are in the doc itself
     ("Scale-out", "docs/benchmarks_scale.md", ("bench/results/raw/scale_out.json",)),
     ("Docker deployment", "docs/benchmarks_deploy.md", ()),  # docker-local runs; commands in the doc
+    ("int8 inference (not offered)", "docs/benchmarks_int8.md", ()),  # its tables are in the doc itself
 )  # fmt: skip
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 
