@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+import torch
 from conftest import Faces
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -197,3 +198,22 @@ def test_hot_routes_have_no_threadpool_dependencies() -> None:
         assert key_required in calls, route.path
         plain = [getattr(call, "__name__", repr(call)) for call in calls if call is not None and not is_async(call)]
         assert plain == [], f"{route.path}: {plain} run in the threadpool on every request"
+
+
+def test_the_step_bench_times_equal_work_on_both_sides() -> None:
+    """bench.hot_path_steps compares like with like: each old/new pair yields the same body or batch."""
+    from bench import hot_path_steps as steps
+
+    for model, build, ours in [
+        (IdentifyResponse, steps.identify_model, steps.identify_dict),
+        (VerifyResponse, steps.verify_model, steps.verify_dict),
+        (steps.DetectResponse, steps.detect_model, steps.detect_dict),
+    ]:
+        theirs = steps.fastapi_path(model, build)()
+        assert json.dumps(orjson.loads(ours())) == json.dumps(json.loads(theirs)), model.__name__
+    rng = np.random.default_rng(3)
+    buffer = np.full((8, 1, 6, 5), np.nan, np.float32)
+    for rows in (8, 3, 1):  # a smaller batch after a bigger one, in the same buffer
+        jobs = [torch.from_numpy(rng.standard_normal((1, 1, 6, 5)).astype(np.float32)) for _ in range(rows)]
+        old, new = steps.buffered(jobs, buffer)(), steps.concatenated(jobs)()
+        assert old.shape == new.shape == (rows, 1, 6, 5) and np.array_equal(old, new)
