@@ -307,7 +307,7 @@ class Embedder:
     def _stack(self, jobs: list[_Job]) -> np.ndarray:
         """The jobs' rows as one float32 batch: a lone job's own tensor (no copy), else one ``torch.cat``.
 
-        Not a reused max_batch buffer: copying each job's rows into one cost 2-6× a single concatenation
+        Not a reused max_batch buffer: copying each job's rows into one cost 4-6× a single concatenation
         (a torch op per job; the fresh allocation is cheap next to the copy; docs/benchmarks_service.md), and
         no array a backend was given is ever rewritten by a later batch."""
         if len(jobs) == 1:
