@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 from bench import serve_load
-from bench.serve_load import Level, Server
+from bench.serve_load import Server
+from bench.serve_load_report import Level, format_row
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         serve_load.run_level(server, name, args.endpoint, args.concurrency, load_args, faces)
                     )
                     results.setdefault(name, []).append(level)
-                    print(serve_load.format_row(level), flush=True)
+                    print(format_row(level), flush=True)
         finally:
             for server in servers.values():
                 server.stop()

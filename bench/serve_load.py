@@ -12,6 +12,11 @@ one-forward-per-request baseline; all run side by side and each level is measure
 ceiling is each backend's in-process forward throughput at the server's max batch, measured interleaved.
 The load generator runs on the same machine as the servers and competes with them for the cores; the report
 gives the load average before and after.
+
+One default run is issue #16's whole story: the ceiling per backend (before and after the load), ``/embed``
+and ``/identify`` at concurrency 1, 8, 32 and 64 on the batching and the one-forward-per-request server of
+each backend, p50/p95/p99 and the server's CPU per request for every level, then the goals judged
+(:mod:`bench.serve_load_report`); ``--json`` keeps it all with the command, machine and date.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.ceilings import ceilings, print_ceilings
+from bench.serve_load_report import HEADER, Level, format_row, goals, provenance
 from service.settings import available_cores
 from training.bundle import Threshold, load_bundle, save_bundle
 from training.datasets import orl_source_dir
@@ -43,24 +49,6 @@ from training.models import build_model
 from training.preprocess import InputSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Level:
-    backend: str  # torch | onnxruntime
-    mode: str  # batching | no batching
-    endpoint: str
-    concurrency: int
-    requests: int
-    errors: int
-    seconds: float
-    throughput: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    mean_batch: float
-    server_cpu_ms: float  # server process CPU time per request (all its threads)
-    client_cpu_ms: float  # load generator CPU time per request
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -328,61 +316,14 @@ def measure(bundle: Path, work: Path, args: argparse.Namespace) -> list[Level]:
             server.stop()
 
 
-# -- report ------------------------------------------------------------------------------------------------
-HEADER = (
-    "| backend | mode | endpoint | concurrency | requests | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch "
-    "| server CPU ms/req | client CPU ms/req |\n"
-    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-)
-
-
-def format_row(level: Level) -> str:
-    return (
-        f"| {level.backend} | {level.mode} | /{level.endpoint} | {level.concurrency} | {level.requests} | "
-        f"{level.errors} | "
-        f"{level.throughput:.1f} | {level.p50_ms:.1f} | {level.p95_ms:.1f} | {level.p99_ms:.1f} | "
-        f"{level.mean_batch:.1f} | {level.server_cpu_ms:.1f} | {level.client_cpu_ms:.1f} |"
-    )
-
-
-def goals(levels: list[Level], ceiling_ips: dict[str, dict[str, float]]) -> list[str]:
-    def find(backend: str, mode: str, concurrency: int) -> Level | None:
-        key = (backend, mode, "embed", concurrency)
-        return next((x for x in levels if (x.backend, x.mode, x.endpoint, x.concurrency) == key), None)
-
-    lines = []
-    for backend, ceiling_value in ceiling_ips.items():
-        batched, unbatched = find(backend, "batching", 32), find(backend, "no batching", 32)
-        if batched:
-            share = batched.throughput / ceiling_value["images_per_s"]
-            verdict = "met" if share >= 0.9 else "NOT met"
-            lines.append(f"{backend}: /embed at c=32 is {share:.1%} of its ceiling (goal ≥ 90%): {verdict}")
-            cpu_share = ceiling_value["cpu_ms_per_image"] / batched.server_cpu_ms
-            lines.append(f"{backend}: the forward is {cpu_share:.1%} of the server's CPU per /embed at c=32")
-        if batched and unbatched:
-            gain = batched.throughput / unbatched.throughput
-            verdict = "met" if gain >= 3 else "NOT met"
-            lines.append(f"{backend}: batching vs none at c=32: {gain:.1f}× (goal ≥ 3×): {verdict}")
-    if "torch" in ceiling_ips and len(ceiling_ips) > 1:
-        rates = {name: value["images_per_s"] for name, value in ceiling_ips.items()}
-        fastest = max(rates, key=lambda name: rates[name])
-        ratio = rates[fastest] / rates["torch"]
-        verdict = "met" if ratio >= 1.5 else "NOT met"
-        lines.append(f"fastest ceiling: {fastest}, {ratio:.2f}× torch eager (goal ≥ 1.5×): {verdict}")
-        cpu = {name: value["cpu_ms_per_image"] for name, value in ceiling_ips.items()}
-        cheapest = min(cpu, key=lambda name: cpu[name])
-        lines.append(f"cheapest forward (CPU/image): {cheapest}, {cpu['torch'] / cpu[cheapest]:.2f}× less than torch")
-    errors = sum(x.errors for x in levels)
-    lines.append(f"errors: {errors} (goal 0): {'met' if errors == 0 else 'NOT met'}")
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         work = Path(tmp)
         bundle = args.bundle or default_bundle(work, args)
         meta = load_bundle(bundle).metadata
+        run = provenance(argv)
+        print(f"{run['command']}\nmachine: {run['machine']}; {run['date']}", flush=True)
         threads = args.torch_threads or max(1, available_cores() - 1)
         print(f"model: {meta['arch']['name']} {meta['arch']['kwargs']}; server torch threads: {threads}", flush=True)
         print(f"servers: python -m service, CENTERID_HTTP={args.http}, CENTERID_LOOP={args.loop}", flush=True)
@@ -413,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             "ceiling_images_per_s": ceiling_ips,
             "ceiling_before_after": {"before": before, "after": after},
             "load_average": {"before": load_before, "after": load_after},
-            "command": "python -m bench.serve_load " + " ".join(argv if argv is not None else sys.argv[1:]),
+            **run,
             "levels": [asdict(x) for x in levels],
             "goals": verdicts,
         }

@@ -121,9 +121,6 @@ class Embedder:
         self.on_batch = on_batch
         self.clock = clock
         self.backend: Backend = backend or TorchBackend(bundle)
-        spec = bundle.preprocess.spec
-        # one batch buffer for the worker's whole life: jobs are copied in, no per-batch concatenation
-        self._buffer = np.empty((max_batch, spec.channels, spec.height, spec.width), np.float32)
         self.forward_passes = 0
         self.batch_sizes: Counter[int] = Counter()
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -308,16 +305,14 @@ class Embedder:
             offset += job.rows
 
     def _stack(self, jobs: list[_Job]) -> np.ndarray:
-        """The jobs' rows as one batch: copied into the reused buffer (one oversized job is used as is)."""
-        rows = sum(job.rows for job in jobs)
-        if rows > self.max_batch or jobs[0].batch.shape[1:] != self._buffer.shape[1:]:
-            return torch.cat([job.batch for job in jobs]).float().numpy()
-        target = torch.from_numpy(self._buffer)
-        offset = 0
-        for job in jobs:
-            target[offset : offset + job.rows].copy_(job.batch)
-            offset += job.rows
-        return self._buffer[:rows]
+        """The jobs' rows as one float32 batch: a lone job's own tensor (no copy), else one ``torch.cat``.
+
+        Not a reused max_batch buffer: copying each job's rows into one cost 4-6× a single concatenation
+        (a torch op per job; the fresh allocation is cheap next to the copy; docs/benchmarks_service.md), and
+        no array a backend was given is ever rewritten by a later batch."""
+        if len(jobs) == 1:
+            return jobs[0].batch.float().contiguous().numpy()
+        return torch.cat([job.batch for job in jobs]).float().numpy()
 
     def _process_alone(self, job: _Job) -> None:
         try:

@@ -268,3 +268,63 @@ def test_a_job_past_its_deadline_is_dropped_before_its_forward(bundle_dir: Path,
         asyncio.run(scenario(embedder, gate))
     assert gate.batches == [1, 1]  # the late job's two rows never reached the model
     assert embedder.queue_depth == 0
+
+
+# -- batch assembly: what the backend is given, batch after batch --------------------------------------------
+class SteppedBackend:
+    """Wraps the real backend: records every batch it is given (the array itself and a copy) and blocks each
+    call until the test grants a permit, so that the test decides which jobs queue up behind it."""
+
+    def __init__(self, real: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.real = real
+        self.name = "stepped"
+        self.permits = threading.Semaphore(0)
+        self.given: list[np.ndarray] = []
+        self.copies: list[np.ndarray] = []
+        self.outputs: list[np.ndarray] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.given.append(batch)
+        self.copies.append(batch.copy())
+        assert self.permits.acquire(timeout=60), "the test never let the batch run"
+        self.outputs.append(self.real(batch))
+        return self.outputs[-1]
+
+
+def test_batches_of_different_sizes_in_sequence_match_each_job_alone(bundle_dir: Path, faces: torch.Tensor) -> None:
+    """A batch of 8 rows (three jobs), then 2 (two jobs), then 3 (one job): each batch the backend is given
+    holds exactly its jobs' rows (a smaller batch never carries rows of the bigger one before it), each job's
+    rows are the one-at-a-time embeddings, and no answer changes when later batches run."""
+    groups = [[(0, 1)], [(1, 4), (4, 7), (7, 9)], [(9, 10), (10, 11)], [(11, 14)]]  # row ranges of faces
+    reference = one_by_one(bundle_dir, faces)
+
+    async def scenario(embedder: Embedder, backend: SteppedBackend) -> list[np.ndarray]:
+        running = [asyncio.create_task(embedder.embed(faces[a:b])) for a, b in groups[0]]
+        await until(lambda: len(backend.given) == 1)  # the worker holds the first batch
+        answers: list[np.ndarray] = []
+        for number, group in enumerate(groups[1:], start=2):
+            queued = [asyncio.create_task(embedder.embed(faces[a:b])) for a, b in group]
+            rows = sum(b - a for a, b in group)
+            await until(lambda rows=rows: embedder.queue_depth == rows)  # all queued behind the running batch
+            backend.permits.release()
+            answers += [await asyncio.wait_for(task, 60) for task in running]
+            await until(lambda number=number: len(backend.given) == number)  # gathered as one batch
+            running = queued
+        backend.permits.release()
+        return answers + [await asyncio.wait_for(task, 60) for task in running]
+
+    embedder = Embedder(load_bundle(bundle_dir), max_batch=8, max_wait_ms=0, threads=1)
+    backend = SteppedBackend(embedder.backend)
+    embedder.backend = backend  # type: ignore[assignment]
+    with embedder:
+        answers = asyncio.run(scenario(embedder, backend))
+    assert [len(batch) for batch in backend.given] == [1, 8, 2, 3]
+    expected_inputs = [faces[group[0][0] : group[-1][1]].numpy() for group in groups]
+    for given, copy, expected in zip(backend.given, backend.copies, expected_inputs, strict=True):
+        assert np.array_equal(copy, expected)  # exactly its jobs' rows when the backend got it
+        assert np.array_equal(given, expected)  # and still, after every later batch ran
+    jobs = [pair for group in groups for pair in group]
+    for (a, b), answer in zip(jobs, answers, strict=True):
+        np.testing.assert_allclose(answer, reference[a:b], atol=1e-5)
+    assert np.array_equal(np.concatenate(answers), np.concatenate(backend.outputs))  # the backend's rows, unchanged
+    assert not any(np.shares_memory(answer, given) for answer in answers for given in backend.given)

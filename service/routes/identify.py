@@ -2,20 +2,24 @@
 
 "Unknown" is decided at the live FPIR operating point (:mod:`service.operating_point`), never on the request
 path: the answer carries the threshold used and its ``threshold_basis``.
+
+The answer is written by orjson from plain dicts in :class:`IdentifyResponse`'s field order (the route still
+declares that model, so the OpenAPI document is unchanged; tests/test_hot_path.py holds the body to it).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidParameter
 from service.operating_point import identify_point
+from service.responses import VectorJSONResponse, basis_out
 from service.routes.common import FacesParam, ServiceState, embed_uploads, face_out, key_required, ready_state
-from service.schemas import FaceOut, IdentifiedFace, IdentifyMatch, IdentifyResponse, ThresholdBasis, errors
+from service.schemas import IdentifyResponse, errors
 
 router = APIRouter(tags=["recognition"], dependencies=[Depends(key_required)])
 
@@ -35,7 +39,7 @@ async def identify(
         float | None, Form(ge=-1, le=1, description="overrides the live FPIR operating point for this request")
     ] = None,
     faces: FacesParam = "largest",
-) -> IdentifyResponse:
+) -> Response:
     """Rank identities by cosine similarity; ``identity`` is the best one if it reaches the threshold, else null.
 
     When the bundle aligns, the image's largest face is searched (every face with ``faces=all``), each
@@ -51,36 +55,41 @@ async def identify(
         ranked = [_rank_centers(state, vector, k) for vector in vectors]
     else:
         found = await run_in_threadpool(state.gallery.search_labels, vectors, k)  # type: ignore[union-attr]
-        ranked = [
-            [IdentifyMatch(label=m.label, similarity=m.similarity, entry_id=m.entry_id) for m in row] for row in found
-        ]
+        ranked = [[_match(m.label, m.similarity, m.entry_id) for m in row] for row in found]
     identities = [_decide(matches, point.value) for matches in ranked]
     described = None
-    if uploads.faces is not None:
+    if uploads.faces is not None:  # IdentifiedFace's fields, in its order
         described = [
-            IdentifiedFace(face=FaceOut(**face_out(face)), identity=identity, matches=matches)
+            {"face": face_out(face), "identity": identity, "matches": matches}
             for face, identity, matches in zip(uploads.faces, identities, ranked, strict=True)
         ]
-    return IdentifyResponse(
-        identity=identities[0],
-        matches=ranked[0],
-        threshold=point.value,
-        threshold_basis=ThresholdBasis(**point.basis),
-        mode=mode,
-        model=state.model_name,
-        faces=described,
-    )
+    # IdentifyResponse's fields, in its order
+    body = {
+        "identity": identities[0],
+        "matches": ranked[0],
+        "threshold": float(point.value),
+        "threshold_basis": basis_out(point.basis),
+        "mode": mode,
+        "model": state.model_name,
+        "faces": described,
+    }
+    return VectorJSONResponse(body)
 
 
-def _decide(matches: list[IdentifyMatch], threshold: float) -> str | None:
+def _match(label: str, similarity: float, entry_id: int | None) -> dict[str, Any]:
+    """An IdentifyMatch as the body carries it (its fields, in its order)."""
+    return {"label": label, "similarity": float(similarity), "entry_id": entry_id}
+
+
+def _decide(matches: list[dict[str, Any]], threshold: float) -> str | None:
     """The best label if it reaches the threshold, else None ("unknown")."""
     best = matches[0] if matches else None
-    return best.label if best is not None and best.similarity >= threshold else None
+    return best["label"] if best is not None and best["similarity"] >= threshold else None
 
 
-def _rank_centers(state: ServiceState, vector: np.ndarray, k: int) -> list[IdentifyMatch]:
+def _rank_centers(state: ServiceState, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
     """Closed-set identification: cosine to each training identity's (normalised) center."""
     assert state.centers is not None and state.bundle is not None
     scores = state.centers @ vector
     top = np.argsort(-scores, kind="stable")[:k]
-    return [IdentifyMatch(label=state.bundle.class_names[i], similarity=float(scores[i])) for i in top]
+    return [_match(state.bundle.class_names[i], float(scores[i]), None) for i in top]

@@ -1,20 +1,22 @@
 """POST /verify: are two faces the same identity, or is a face the enrolled identity ``label``?
 
-1:1 decisions keep the bundle's pair (FAR) threshold; the answer says so in ``threshold_basis``.
+1:1 decisions keep the bundle's pair (FAR) threshold; the answer says so in ``threshold_basis``. The answer
+is written by orjson from a plain dict in :class:`VerifyResponse`'s field order (see :mod:`service.responses`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidParameter, NotFound
 from service.operating_point import verify_point
+from service.responses import VectorJSONResponse, basis_out
 from service.routes.common import ServiceState, Uploads, embed_uploads, face_out, key_required, ready_state
-from service.schemas import FaceOut, ThresholdBasis, VerifyResponse, errors
+from service.schemas import VerifyResponse, errors
 
 router = APIRouter(tags=["recognition"], dependencies=[Depends(key_required)])
 
@@ -29,7 +31,7 @@ async def verify(
     image: Annotated[UploadFile | None, File(description="image to check against an enrolled label")] = None,
     label: Annotated[str | None, Form(description="enrolled identity to verify against (with image)")] = None,
     threshold: Annotated[float | None, Form(ge=-1, le=1, description="overrides the calibrated threshold")] = None,
-) -> VerifyResponse:
+) -> Response:
     """Cosine similarity of two images, or of one image and the best-matching entry of an enrolled label.
 
     When the bundle aligns, each image's largest face is compared (listed in ``faces`` by field); an image
@@ -55,19 +57,22 @@ async def verify(
         fields = ["image"]
         uploads, vectors = await embed_uploads([image], fields, state)  # type: ignore[list-item]
         similarity = float(np.max(enrolled @ vectors[0]))
-    return VerifyResponse(
-        similarity=similarity,
-        threshold=point.value,
-        threshold_basis=ThresholdBasis(**point.basis),
-        match=similarity >= point.value,
-        model=state.model_name,
-        label=None if pair else label,
-        faces=_faces_by_field(uploads, fields),
-    )
+    threshold_value = float(point.value)
+    # VerifyResponse's fields, in its order
+    body = {
+        "similarity": similarity,
+        "threshold": threshold_value,
+        "threshold_basis": basis_out(point.basis),
+        "match": similarity >= threshold_value,
+        "model": state.model_name,
+        "label": None if pair else label,
+        "faces": _faces_by_field(uploads, fields),
+    }
+    return VectorJSONResponse(body)
 
 
-def _faces_by_field(uploads: Uploads, fields: list[str]) -> dict[str, FaceOut] | None:
+def _faces_by_field(uploads: Uploads, fields: list[str]) -> dict[str, dict[str, Any]] | None:
     """Which face of each upload was compared (aligning bundles only)."""
     if uploads.faces is None:
         return None
-    return {fields[owner]: FaceOut(**face_out(face)) for owner, face in zip(uploads.owners, uploads.faces, strict=True)}
+    return {fields[owner]: face_out(face) for owner, face in zip(uploads.owners, uploads.faces, strict=True)}
