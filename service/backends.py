@@ -172,7 +172,12 @@ def images_per_second(backend: Backend, batch: np.ndarray, seconds: float, clock
             return done / elapsed
 
 
-def measure(backends: list[Backend], batch: np.ndarray, rounds: int = PROBE_ROUNDS) -> dict[str, float]:
+def measure(
+    backends: list[Backend],
+    batch: np.ndarray,
+    rounds: int = PROBE_ROUNDS,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
     """Median images/s of each backend, measured in interleaved rounds so that a load spike on a shared
     machine hits both rather than deciding the comparison."""
     for backend in backends:
@@ -180,7 +185,7 @@ def measure(backends: list[Backend], batch: np.ndarray, rounds: int = PROBE_ROUN
     samples: dict[str, list[float]] = {backend.name: [] for backend in backends}
     for _ in range(rounds):
         for backend in backends:
-            samples[backend.name].append(images_per_second(backend, batch, PROBE_SECONDS, time.perf_counter))
+            samples[backend.name].append(images_per_second(backend, batch, PROBE_SECONDS, clock))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -111,29 +111,36 @@ def test_auto_serves_the_measured_winner_and_reuses_the_record(
     assert choice["reason"] == "measured" and calls == [8, 8]
 
 
-def test_measure_times_each_backend(bundle_dir: Path) -> None:
+def test_measure_times_each_backend_in_interleaved_rounds(bundle_dir: Path) -> None:
+    """A fake clock that each call advances by the backend's cost, a load spike in round 2 for whoever runs
+    then: the medians are the true rates (4 × 4 images per cost unit), the spike decides nothing."""
     bundle = load_bundle(bundle_dir)
-    slow_calls = []
+    now, calls = [0.0], []
 
-    class Slow(TorchBackend):
-        name = "slow"
+    class Costed(TorchBackend):
+        def __init__(self, name: str, cost: float) -> None:
+            super().__init__(bundle)
+            self.name, self.cost = name, cost
 
         def __call__(self, batch: np.ndarray) -> np.ndarray:
-            slow_calls.append(1)
-            for _ in range(4):  # four forward passes per call: a quarter of the rate, whatever the load
-                out = super().__call__(batch)
-            return out
+            calls.append(self.name)
+            spike = 50.0 if 40 <= len(calls) < 45 else 1.0
+            now[0] += self.cost * spike * backends.PROBE_SECONDS / 10
+            return super().__call__(batch)
 
-    rates = backends.measure([TorchBackend(bundle), Slow(bundle)], backends.probe_batch(bundle, 4), rounds=3)
-    assert rates["torch"] > rates["slow"] > 0 and slow_calls
+    fast, slow = Costed("fast", 1.0), Costed("slow", 4.0)
+    rates = backends.measure([fast, slow], backends.probe_batch(bundle, 4), rounds=3, clock=lambda: now[0])
+    unit = 4 / (backends.PROBE_SECONDS / 10)  # images per second at cost 1
+    assert rates["fast"] == pytest.approx(unit) and rates["slow"] == pytest.approx(unit / 4)
+    assert calls[:2] == ["fast", "slow"] and "slow" in calls[10:20]  # warm-up, then fast and slow alternate
 
 
-def test_the_reused_batch_buffer_never_leaks_rows_between_batches(bundle_dir: Path, images: np.ndarray) -> None:
+def test_batches_of_different_sizes_never_leak_rows_between_each_other(bundle_dir: Path, images: np.ndarray) -> None:
     expected = reference(bundle_dir, images)
     with Embedder(load_bundle(bundle_dir), max_batch=8, max_wait_ms=0, threads=1) as embedder:
         big = embedder.embed_sync(torch.from_numpy(images[:8]))
         small = embedder.embed_sync(torch.from_numpy(images[8:10]))
-        oversized = embedder.embed_sync(torch.from_numpy(images[:20]))  # > max_batch: split, not buffered
+        oversized = embedder.embed_sync(torch.from_numpy(images[:20]))  # > max_batch: split into batches
     assert small.shape == (2, expected.shape[1]) and oversized.shape == (20, expected.shape[1])
     assert cosines(big, expected[:8]).min() >= 0.9999
     assert cosines(small, expected[8:10]).min() >= 0.9999
