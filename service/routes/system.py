@@ -13,7 +13,8 @@ from service.gallery import GalleryStatus
 from service.metrics import CONTENT_TYPE
 from service.operating_point import MODES, identify_point, verify_point
 from service.routes.common import ServiceState, get_settings, get_state, presented_key, ready_state, require_key
-from service.schemas import (
+from service.schemas import ThresholdBasis, errors
+from service.schemas_system import (
     FacesInfo,
     GalleryInfo,
     GallerySync,
@@ -23,10 +24,8 @@ from service.schemas import (
     Readiness,
     RebuildState,
     ReembedProgress,
-    ThresholdBasis,
     ThresholdInfo,
     ThresholdInUse,
-    errors,
 )
 from service.settings import Settings
 
