@@ -8,24 +8,11 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+from test_store_postgres import DIM, brute_force, vectors
 
 from service import index_snapshot
 from service.gallery import Gallery, IndexParams
-
-DIM = 16
-
-
-def vectors(count: int, seed: int) -> np.ndarray:
-    array = np.random.default_rng(seed).normal(size=(count, DIM)).astype(np.float32)
-    return array / np.linalg.norm(array, axis=1, keepdims=True)
-
-
-def brute_force(stored: dict[int, np.ndarray], query: np.ndarray, k: int) -> list[int]:
-    ids = sorted(stored)
-    scores = np.array([float(stored[i] @ query) for i in ids])
-    return [ids[n] for n in np.argsort(-scores, kind="stable")[:k]]
 
 
 def how_opened(caplog: pytest.LogCaptureFixture) -> str:
