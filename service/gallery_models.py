@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -91,13 +92,11 @@ class ModelEmbeddings(IndexUpkeep):
         while rows := self._db.query(MISSING, (last_id, self.fingerprint, batch)):
             if self._closing.is_set() or self._stop_embedding.is_set():  # what is committed stays
                 raise GalleryError("re-embedding stopped: the gallery is closing")
-            vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
-            if len(vectors) != len(rows):
-                raise GalleryError(f"re-embedding returned {len(vectors)} vectors for {len(rows)} images")
+            embedded, vectors = self._embed_batch(embed, rows)
             with self._write_lock:
                 with self._db.transaction() as db:
                     stored = []
-                    for row, vector in zip(rows, vectors, strict=True):
+                    for row, vector in zip(embedded, vectors, strict=True):
                         args = (self.fingerprint, vector.astype("<f4").tobytes(), int(row[0]))
                         stored += [int(r[0]) for r in db.execute(STORE_VECTOR, args)]
                     log_changes(db, CHANGE_ADD, stored, self.fingerprint)
@@ -106,6 +105,25 @@ class ModelEmbeddings(IndexUpkeep):
             last_id = int(rows[-1][0])
             self._note_reembed(min(done, total), max(total, done), progress)
         return done
+
+    def _embed_batch(self, embed: Embed, rows: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], np.ndarray]:
+        """The rows this model could embed, and their vectors. A batch that fails is retried one image at a
+        time, and an image this model cannot take (another preprocessing than the model that enrolled it)
+        is skipped with a warning: it stays pending (counted in ``pending_reembed``, retried by the next
+        run), and one bad file never stops the rest of the gallery from being embedded."""
+        try:
+            vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
+        except GalleryError:
+            raise
+        except Exception as error:
+            if len(rows) == 1:
+                logger.warning("entry %s cannot be embedded by model %s: %s", rows[0][0], self.fingerprint[:12], error)
+                return [], np.zeros((0, self.dim), np.float32)
+            singles = [self._embed_batch(embed, [row]) for row in rows]
+            return [r for kept, _ in singles for r in kept], np.concatenate([v for _, v in singles])
+        if len(vectors) != len(rows):
+            raise GalleryError(f"re-embedding returned {len(vectors)} vectors for {len(rows)} images")
+        return rows, vectors
 
     def _note_reembed(self, done: int, total: int, progress: Progress | None) -> None:
         self._reembed_progress = (done, total)

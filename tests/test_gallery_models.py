@@ -220,3 +220,25 @@ def test_stopping_ends_a_re_embedding_between_batches_and_the_next_start_goes_on
     with Gallery.open(tmp_path, DIM, "model-new") as reopened:
         assert reopened.reembed(embed_new, batch_size=4) == 6
         answers(reopened, NEW, image_of)
+
+
+def test_an_image_the_new_model_cannot_take_is_skipped_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Gallery.open(tmp_path, DIM, "model-old") as old:
+        image_of = enroll(old, OLD, "a", range(0, 9))
+    embed_new, calls = embedder(NEW), []
+
+    def refuses_image_4(blobs: list[bytes]) -> np.ndarray:
+        calls.append(len(blobs))
+        if image(4) in blobs:
+            raise ValueError("cannot decode image[0]")
+        return embed_new(blobs)
+
+    with Gallery.open(tmp_path, DIM, "model-new") as gallery:
+        assert gallery.reembed(refuses_image_4, batch_size=4) == 8
+        assert calls == [4, 4, 1, 1, 1, 1, 1]  # the failing batch retried one by one, the rest whole
+        bad = next(i for i, n in image_of.items() if n == 4)
+        assert gallery.pending_reembed == 1 and f"entry {bad} cannot be embedded" in caplog.text
+        del image_of[bad]
+        answers(gallery, NEW, image_of)  # serving, with the other eight
