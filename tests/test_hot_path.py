@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 import pytest
 import torch
-from conftest import Faces
+from conftest import Faces, wait_ready
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
@@ -127,12 +127,21 @@ def test_identify_bodies_are_the_model_with_the_exact_similarities(client: Any, 
 
     enrolled = client.post("/gallery", files=upload(faces, "files", faces.holdout[0], 1), data={"label": "ann"})
     entry = enrolled.json()["entries"][0]["id"]
+    # the live operating point follows the enrollment from its own thread: wait until it has (no write follows,
+    # so the identify answer and /info below then read the same point)
+    generation = client.app.state.service.gallery.generation
+    wait_ready(lambda: 200 if gallery_point(client)["basis"].get("generation") == generation else 503)
     body = the_model_dump(client.post("/identify", files=upload(faces, "image", faces.holdout[0], 1)), IdentifyResponse)
     assert body["matches"][0]["label"] == "ann" and body["matches"][0]["entry_id"] == entry
     assert body["matches"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
-    info = client.get("/info").json()["thresholds"]
-    in_force = next(t for t in info if (t["use"], t["mode"]) == ("identify", "gallery"))
+    in_force = gallery_point(client)
     assert (body["threshold"], body["threshold_basis"]) == (in_force["value"], in_force["basis"])
+
+
+def gallery_point(client: Any) -> dict[str, Any]:
+    """The /identify gallery-mode threshold in force, as /info reports it."""
+    thresholds = client.get("/info").json()["thresholds"]
+    return next(t for t in thresholds if (t["use"], t["mode"]) == ("identify", "gallery"))
 
 
 def test_verify_bodies_are_the_model(client: Any, faces: Faces) -> None:
