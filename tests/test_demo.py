@@ -15,6 +15,7 @@ from PIL import Image
 import training.train
 from service import demo
 from service.app import create_app
+from service.demo_folders import MARKER, PARTIAL, claim, mark_complete, read_marker
 from service.gallery import Gallery
 from service.settings import Settings
 from training.bundle import load_bundle
@@ -109,7 +110,7 @@ def test_second_run_reuses_everything(
     demo_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     watched = [demo_root / "bundles/demo/bundle.json", demo_root / "bundles/demo/model.safetensors"]
-    watched += [demo_root / "gallery" / demo.MARKER, demo_root / "samples" / demo.MARKER]
+    watched += [demo_root / "gallery" / MARKER, demo_root / "samples" / MARKER]
     before = [path.stat().st_mtime_ns for path in watched]
     monkeypatch.setattr(training.train, "main", lambda argv: pytest.fail(f"retrained: {argv}"))
     capsys.readouterr()
@@ -136,11 +137,11 @@ def test_interrupted_enrollment_is_redone(demo_root: Path, heldout: list[str], m
     monkeypatch.setattr(Gallery, "add", add_then_crash)
     with pytest.raises(RuntimeError, match="power cut"):
         demo.main(demo_args(demo_root, gallery="gallery2", samples="samples2"))
-    assert (demo_root / "gallery2" / demo.PARTIAL).exists() and not (demo_root / "gallery2" / demo.MARKER).exists()
+    assert (demo_root / "gallery2" / PARTIAL).exists() and not (demo_root / "gallery2" / MARKER).exists()
     monkeypatch.setattr(Gallery, "add", real_add)
 
     assert demo.main(demo_args(demo_root, gallery="gallery2", samples="samples2")) == 0
-    assert not (demo_root / "gallery2" / demo.PARTIAL).exists()
+    assert not (demo_root / "gallery2" / PARTIAL).exists()
     bundle = load_bundle(demo_root / "bundles" / "demo")
     with Gallery.open(demo_root / "gallery2", bundle.feat_dim, bundle.fingerprint) as gallery:
         assert dict(gallery.labels().labels) == {name: 3 for name in heldout[:3]}  # no leftovers of the first try
@@ -156,10 +157,10 @@ def test_a_folder_the_demo_did_not_make_is_left_alone(demo_root: Path, capsys: p
 
 
 def test_a_marker_beside_the_partial_flag_is_not_trusted(tmp_path: Path) -> None:
-    demo.claim(tmp_path)
-    (tmp_path / demo.MARKER).write_text('{"done": true}')  # e.g. a crash between marker and flag removal
-    assert demo.read_marker(tmp_path) is None
-    demo.mark_complete(tmp_path, {"done": True})
-    assert demo.read_marker(tmp_path) == {"done": True} and not (tmp_path / demo.PARTIAL).exists()
-    demo.claim(tmp_path)  # a rebuild starts by un-completing the folder
-    assert demo.read_marker(tmp_path) is None and not (tmp_path / demo.MARKER).exists()
+    claim(tmp_path)
+    (tmp_path / MARKER).write_text('{"done": true}')  # e.g. a crash between marker and flag removal
+    assert read_marker(tmp_path) is None
+    mark_complete(tmp_path, {"done": True})
+    assert read_marker(tmp_path) == {"done": True} and not (tmp_path / PARTIAL).exists()
+    claim(tmp_path)  # a rebuild starts by un-completing the folder
+    assert read_marker(tmp_path) is None and not (tmp_path / MARKER).exists()
