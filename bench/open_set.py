@@ -22,6 +22,9 @@ carry 95 % Wilson score intervals over searches (or pairs) with the counts behin
 identity are not independent, so the intervals are optimistic where an identity contributes several.
 ``/identify`` takes one image per request, so searches run as single requests, ``--concurrency`` at a
 time. Writes ``OUT/open_set_<tag>.json`` and ``.md``.
+
+This module is the protocol and the command line; the rate arithmetic is in :mod:`bench.open_set_rates`,
+the service child and its HTTP calls in :mod:`bench.open_set_client`, the markdown in :mod:`bench.open_set_report`.
 """
 
 from __future__ import annotations
@@ -29,161 +32,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-from bench.common import RESULTS_DIR, ROOT, display_command, machine, utc_date
+from bench.common import RESULTS_DIR, display_command, machine, utc_date
+from bench.open_set_client import bounded, post, search, served
+from bench.open_set_rates import basis_summary, identification_rates, oracle_fnir, oracle_threshold, rate
+from bench.open_set_report import markdown
 from training.data import scan_image_folder
-
-Z95 = 1.959963984540054
-
-
-def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95 % by default); (0, 1) when there are no trials."""
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def rate(successes: int, trials: int) -> dict[str, Any]:
-    low, high = wilson(successes, trials)
-    return {"rate": successes / trials if trials else None, "k": successes, "n": trials, "ci95": [low, high]}
-
-
-# -----------------------------------------------------------------------------
-# what the answers say
-
-
-def identification_rates(mated: Sequence[dict[str, Any]], strangers: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """FPIR, FNIR and rank-1 from searches ``{"mate": label or None, "identity", "top_label", "top_score"}``."""
-    named = sum(1 for s in strangers if s["identity"] is not None)
-    missed = sum(1 for s in mated if s["identity"] != s["mate"])
-    first = sum(1 for s in mated if s["top_label"] == s["mate"])
-    return {"fpir": rate(named, len(strangers)), "fnir": rate(missed, len(mated)), "rank1": rate(first, len(mated))}
-
-
-def oracle_threshold(stranger_scores: Sequence[float], fpir: float) -> float:
-    """The lowest threshold at which at most ``fpir`` of the strangers reach it (names are given at ≥)."""
-    scores = np.sort(np.asarray(stranger_scores, dtype=np.float64))[::-1]
-    allowed = math.floor(fpir * len(scores) + 1e-9)  # strangers that may score ≥ the threshold
-    if allowed >= len(scores):
-        return -1.0
-    return float(np.nextafter(scores[allowed], np.inf))  # just above the (allowed+1)-th highest score
-
-
-def oracle_fnir(mated: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    """FNIR had the service answered the mated searches at ``threshold`` (mate first and at least the threshold)."""
-    missed = sum(1 for s in mated if not (s["top_label"] == s["mate"] and s["top_score"] >= threshold))
-    return rate(missed, len(mated))
-
-
-def basis_summary(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The thresholds the answers reported and their ``threshold_basis`` (absent from older services)."""
-    thresholds = [a["threshold"] for a in answers if a.get("threshold") is not None]
-    bases = {json.dumps(a.get("threshold_basis"), sort_keys=True) for a in answers if a.get("threshold_basis")}
-    return {
-        "threshold_min": min(thresholds) if thresholds else None,
-        "threshold_max": max(thresholds) if thresholds else None,
-        "threshold_basis": [json.loads(b) for b in sorted(bases)][:3],
-    }
-
-
-# -----------------------------------------------------------------------------
-# the service
-
-
-@contextmanager
-def served(bundle: Path, data_dir: Path, log: Path) -> Iterator[str]:
-    """A uvicorn child on a free 127.0.0.1 port, ready, with an empty gallery in ``data_dir``."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    env = {
-        "CENTERID_TORCH_THREADS": "1",
-        "CENTERID_FAISS_THREADS": "1",
-        "CENTERID_LOG_LEVEL": "warning",
-        **os.environ,
-        "CENTERID_BUNDLE": str(bundle),
-        "CENTERID_DATA_DIR": str(data_dir),
-    }
-    command = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("ab") as sink:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, process, log)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the service exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the service was not ready within {timeout:.0f}s; log: {log}")
-
-
-async def bounded(jobs: Sequence[Callable[[], Awaitable[Any]]], concurrency: int) -> list[Any]:
-    """Run the jobs with at most ``concurrency`` in flight; results in job order."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(job: Callable[[], Awaitable[Any]]) -> Any:
-        async with gate:
-            return await job()
-
-    return await asyncio.gather(*(one(job) for job in jobs))
-
-
-async def post(client: httpx.AsyncClient, route: str, files: list[tuple[str, Path]], data: dict[str, str]) -> Any:
-    uploads = [(field, (path.name, path.read_bytes(), "image/png")) for field, path in files]
-    response = await client.post(route, files=uploads, data=data)
-    if response.status_code >= 300:
-        raise SystemExit(f"{route} answered {response.status_code}: {response.text[:500]}")
-    return response.json()
-
-
-def search(client: httpx.AsyncClient, image: Path, mate: str | None) -> Callable[[], Awaitable[dict[str, Any]]]:
-    async def job() -> dict[str, Any]:
-        answer = await post(client, "/identify", [("image", image)], {"k": "1"})
-        top = answer["matches"][0] if answer["matches"] else {"label": None, "similarity": -math.inf}
-        return {
-            "mate": mate,
-            "identity": answer["identity"],
-            "top_label": top["label"],
-            "top_score": top["similarity"],
-            "threshold": answer.get("threshold"),
-            "threshold_basis": answer.get("threshold_basis"),
-        }
-
-    return job
-
 
 # -----------------------------------------------------------------------------
 # the protocol
@@ -317,54 +180,6 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
                 f"gallery {size}: FPIR {row['fpir']['k']}/{row['fpir']['n']} FNIR {row['fnir']['k']}/{row['fnir']['n']}"
             )
         return {"info": info, "verify": verify, "galleries": galleries}
-
-
-# -----------------------------------------------------------------------------
-# report
-
-
-def pct(entry: dict[str, Any]) -> str:
-    """``1.23 % [0.80, 1.90] (17/1380)``: the rate, its 95 % Wilson interval and the counts."""
-    if entry["rate"] is None:
-        return "– (0 trials)"
-    low, high = entry["ci95"]
-    return f"{100 * entry['rate']:.2f} % [{100 * low:.2f}, {100 * high:.2f}] ({entry['k']}/{entry['n']})"
-
-
-def thresholds(row: dict[str, Any]) -> str:
-    low, high = row["threshold_min"], row["threshold_max"]
-    if low is None:
-        return "–"
-    return f"{low:.4f}" if low == high else f"{low:.4f}–{high:.4f}"
-
-
-def markdown(result: dict[str, Any]) -> str:
-    verify, info = result["verify"], result["info"]
-    lines = [
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']['nproc']} cores, {result['machine']['cpu']}, torch {result['machine']['torch']};"
-        f" {result['date']} (UTC); wall {result['wall_s']:.0f} s. Bundle `{result['bundle']}` "
-        f"(`/info` threshold: {json.dumps(info.get('threshold'))}).",
-        "",
-        "| /verify | threshold | FAR, unseen identities | TAR, unseen identities |",
-        "|---|---|---|---|",
-        f"| {verify['far']['n']} + {verify['tar']['n']} pairs | {thresholds(verify)} | {pct(verify['far'])} "
-        f"| {pct(verify['tar'])} |",
-        "",
-        f"| gallery identities | strangers (searches) | /identify threshold | FPIR | FNIR | rank-1 "
-        f"| oracle threshold @ FPIR {result['config']['target_fpir']:g} | oracle FNIR | oracle FNIR @ measured FPIR |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in result["galleries"]:
-        lines.append(
-            f"| {row['gallery_identities']} | {row['stranger_identities']} ({row['fpir']['n']}) | {thresholds(row)} "
-            f"| {pct(row['fpir'])} | {pct(row['fnir'])} | {pct(row['rank1'])} | {row['oracle']['threshold']:.4f} "
-            f"| {pct(row['oracle']['fnir'])} | {pct(row['oracle_at_measured_fpir']['fnir'])} |"
-        )
-    bases = [b for row in [verify, *result["galleries"]] for b in row["threshold_basis"]]
-    lines += ["", f"Rates: {result['interval']}; (k/n) are the counts behind each."]
-    lines += ["", f"threshold_basis in the answers: {json.dumps(bases[:4]) if bases else 'none (field absent)'}."]
-    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -18,15 +18,9 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # `bench` is a top-level folder, not an installed package
     sys.path.insert(0, str(_ROOT))
 
-from bench.open_set import (  # noqa: E402
-    basis_summary,
-    identification_rates,
-    oracle_fnir,
-    oracle_threshold,
-    search,
-    settled,
-    wilson,
-)
+from bench.open_set import settled  # noqa: E402
+from bench.open_set_client import search  # noqa: E402
+from bench.open_set_rates import basis_summary, identification_rates, oracle_fnir, oracle_threshold, wilson  # noqa: E402
 from training.datasets import export_glyphs  # noqa: E402
 from training.glyphs import GlyphSpec  # noqa: E402
 
