@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hmac
 import io
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from service.settings import Settings
 from service.strangers import StrangerStore
 from training.bundle import Bundle
 from training.detect import Face
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -196,18 +199,49 @@ async def read_uploads(
     aligns, each image is decoded at the detection size instead and its faces are found and aligned
     (422 ``no_face`` naming the field when there is none) before its budget share is returned.
     """
-    blobs = await read_blobs(files, names, state.settings)
-    pending = await open_checked(blobs, names, state, state.faces.decode if state.faces else None)
+    blobs, pending = await open_uploads(files, names, state, state.faces.decode if state.faces else None)
     if state.faces is not None:
         return await _find_faces(blobs, pending, state, state.faces, deadline, every_face)
     assert state.bundle is not None
     preprocess = state.bundle.preprocess
-    tensors = []
+
+    async def model_input(upload: PendingImage) -> torch.Tensor:
+        image = await state.decode.run(upload.cost <= INLINE_MAX_COST, load_for_model, upload, preprocess)
+        return preprocess.to_tensor(image)
+
+    tensors = await one_at_a_time(pending, state, deadline, model_input)
+    return Uploads(blobs, torch.stack(tensors), list(range(len(blobs))))
+
+
+async def open_uploads(
+    files: list[UploadFile], names: list[str], state: ServiceState, decode: object
+) -> tuple[list[bytes], list[PendingImage]]:
+    """The prologue of every route that takes images, all before any pixel is decoded: the bytes read within
+    CENTERID_MAX_FILES and CENTERID_MAX_FILE_BYTES (413), then every header opened and checked and the
+    request's decode cost held within CENTERID_MAX_REQUEST_PIXELS (413). ``decode`` as :func:`open_checked`."""
+    blobs = await read_blobs(files, names, state.settings)
+    return blobs, await open_checked(blobs, names, state, decode)
+
+
+async def one_at_a_time(
+    pending: list[PendingImage],
+    state: ServiceState,
+    deadline: float | None,
+    work: Callable[[PendingImage], Awaitable[T]],
+) -> list[T]:
+    """``work`` on each image in turn, each while the global in-flight decode budget holds its share (503
+    ``overloaded`` when it is not admitted in time): a request holds at most one full-size image at a time."""
+    results = []
     for upload in pending:
         async with state.admission.reserve(upload.cost, upload.field, deadline):
-            image = await state.decode.run(upload.cost <= INLINE_MAX_COST, load_for_model, upload, preprocess)
-        tensors.append(preprocess.to_tensor(image))
-    return Uploads(blobs, torch.stack(tensors), list(range(len(blobs))))
+            results.append(await work(upload))
+    return results
+
+
+def request_deadline(state: ServiceState) -> float | None:
+    """When the request stops waiting (CENTERID_REQUEST_TIMEOUT_S from now, on the embedder's clock); None
+    while there is no embedder to keep the clock."""
+    return None if state.embedder is None else state.embedder.clock() + state.settings.request_timeout_s
 
 
 async def read_blobs(files: list[UploadFile], names: list[str], settings: Settings) -> list[bytes]:
@@ -251,13 +285,9 @@ async def _find_faces(
     """Detect and align each upload in turn, holding its decode budget until only its crops are left."""
     assert state.bundle is not None
     preprocess = state.bundle.preprocess
-    found: list[FoundFace] = []
-    owners: list[int] = []
-    for number, upload in enumerate(pending):
-        async with state.admission.reserve(upload.cost, upload.field, deadline):
-            faces = await finder.find(upload, every_face)
-        found += faces
-        owners += [number] * len(faces)
+    per_upload = await one_at_a_time(pending, state, deadline, lambda upload: finder.find(upload, every_face))
+    found = [face for faces in per_upload for face in faces]
+    owners = [number for number, faces in enumerate(per_upload) for _ in faces]
     batch = torch.stack([preprocess.to_tensor(f.crop) for f in found])  # type: ignore[arg-type]
     return Uploads(blobs, batch, owners, found)
 
@@ -283,7 +313,7 @@ async def embed_uploads(
     embedder = state.embedder
     assert embedder is not None
     settings = state.settings
-    deadline = embedder.clock() + settings.request_timeout_s
+    deadline = request_deadline(state)
     with embedder.announce() as arrival:
         uploads = await read_uploads(files, names, state, deadline, every_face)
         vectors = await embedder.embed(uploads.batch, arrival, deadline=deadline, queue_limit=settings.max_queue)

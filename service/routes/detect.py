@@ -16,9 +16,10 @@ from service.routes.common import (
     ServiceState,
     face_out,
     field_names,
-    open_checked,
-    read_blobs,
+    one_at_a_time,
+    open_uploads,
     ready_state,
+    request_deadline,
     require_key,
 )
 from service.schemas import DetectedImage, DetectResponse, FaceOut, errors
@@ -34,13 +35,12 @@ async def detect(
     """Every face in each photo, largest first, in the photo's (EXIF-upright) pixels; a photo without a face
     gets an empty list (not an error: finding none is an answer here)."""
     finder = state.finder() if state.faces is not None else await run_in_threadpool(state.finder)
-    names = field_names("files", len(files))
-    blobs = await read_blobs(files, names, state.settings)
-    pending = await open_checked(blobs, names, state, finder.decode)
-    deadline = None if state.embedder is None else state.embedder.clock() + state.settings.request_timeout_s
-    images = []
-    for number, upload in enumerate(pending):
-        async with state.admission.reserve(upload.cost, upload.field, deadline):
-            found = await finder.find(upload, every_face=True, align=False)
-        images.append(DetectedImage(file=number, faces=[FaceOut(**face_out(f.face)) for f in found]))
+    _, pending = await open_uploads(files, field_names("files", len(files)), state, finder.decode)
+    per_photo = await one_at_a_time(
+        pending, state, request_deadline(state), lambda upload: finder.find(upload, every_face=True, align=False)
+    )
+    images = [
+        DetectedImage(file=number, faces=[FaceOut(**face_out(f.face)) for f in found])
+        for number, found in enumerate(per_photo)
+    ]
     return DetectResponse(images=images)
