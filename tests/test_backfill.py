@@ -6,6 +6,9 @@ bounded."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +155,39 @@ def test_info_counts_the_unembeddable_entries(bundle_dir: Path, tmp_path: Path) 
         gallery = client.get("/info").json()["gallery"]
         assert gallery["pending"] == 1 and gallery["unembeddable"] == 1
         assert gallery["size"] == 2 and list(gallery).index("unembeddable") == list(gallery).index("pending") + 1
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the replica did not converge in time"
+        threading.Event().wait(0.01)
+
+
+def test_the_backfill_thread_warns_once_across_its_passes(
+    tmp_path: Path, database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two replicas of a shared store: every enrollment on the old model nudges the new model's backfill
+    thread into a pass; the entry it cannot embed is offered once and warned about once across all of them,
+    then once more after its wait."""
+    caplog.set_level(logging.DEBUG, logger="centerid.gallery")
+    model, clock = FakeModel(), FakeClock()
+    replica = {"database_url": database, "follow_poll_s": 0.2}
+    with (
+        Gallery.open(tmp_path / "old", DIM, "old", **replica) as old,
+        Gallery.open(tmp_path / "new", DIM, "new", **replica) as new,
+    ):
+        new.embed_backoff.clock = clock
+        new.start_backfill(model)
+        bad = old.add("a", VECTORS[BAD : BAD + 1], [b"%d" % BAD])[0].id
+        wait_until(lambda: len(new.embed_backoff) == 1)
+        for n in range(3):  # three more passes, each with a new entry it can embed
+            old.add("b", VECTORS[n : n + 1], [b"%d" % n])
+            wait_until(lambda n=n: new.size == n + 1)
+        assert model.offered[BAD] == 1 and new.pending_reembed == 1 and len(new.embed_backoff) == 1
+        clock.now += BACKFILL_POLL_S
+        old.add("c", VECTORS[5:6], [b"5"])
+        wait_until(lambda: new.size == 4)  # its pass offered BAD with it (and alone): due again
+        assert model.offered[BAD] == 3 and new.pending_reembed == 1 and len(new.embed_backoff) == 1
+        assert len(warnings_about(caplog, bad, logging.WARNING)) == 1
+        assert len(warnings_about(caplog, bad, logging.DEBUG)) == 1
