@@ -120,13 +120,19 @@ def test_a_deleted_entry_is_forgotten(tmp_path: Path) -> None:
         assert len(gallery.embed_backoff) == 0 and gallery.pending_reembed == 0
 
 
-def test_a_pass_forgets_failures_that_are_no_longer_pending() -> None:
-    """What another replica stored or deleted is found out by the next full pass (keep_only)."""
-    backoff = EmbedBackoff(60.0, clock=FakeClock())
-    for entry_id in (3, 5, 7):
-        backoff.failed(entry_id, "m", ValueError("x"))
-    backoff.keep_only({5})
-    assert backoff.known([3, 5, 7]) == {5} and len(backoff) == 1
+def test_a_pass_forgets_failures_another_replica_deleted(tmp_path: Path, database: str) -> None:
+    """A delete through another replica is found out by the next full pass over the pending entries."""
+    replica = {"database_url": database, "follow_poll_s": 0.2}
+    with (
+        Gallery.open(tmp_path / "old", DIM, "old", **replica) as old,
+        Gallery.open(tmp_path / "new", DIM, "new", **replica) as new,
+    ):
+        entries = old.add("a", VECTORS[:3], [b"0", b"%d" % BAD, b"not a number"])  # the last fails too
+        assert new.reembed(FakeModel()) == 1 and len(new.embed_backoff) == 2
+        assert old.delete_entry(entries[1].id)
+        assert new.reembed(FakeModel()) == 0  # a pass: nothing due, but it met only the other failure
+        assert new.embed_backoff.known(e.id for e in entries) == {entries[2].id}
+        assert new.pending_reembed == len(new.embed_backoff) == 1
 
 
 def test_the_remembered_failures_are_bounded_and_the_oldest_is_forgotten() -> None:
