@@ -28,6 +28,7 @@ import numpy as np
 from service.gallery_backoff import EmbedBackoff
 from service.gallery_index import IndexUpkeep
 from service.gallery_input import GalleryError
+from service.gallery_rows import placeholders
 from service.store import CHANGE_ADD, log_changes
 
 logger = logging.getLogger("centerid.gallery")
@@ -36,10 +37,12 @@ REEMBED_POLL_S = 1.0  # a replica waiting for another one's embedding run re-rea
 BACKFILL_POLL_S = 60.0  # the backfill also looks for entries without this model's vector this often
 
 HAS_EMBEDDING = "SELECT 1 FROM embeddings m WHERE m.entry_id = e.id AND m.fingerprint = ?"  # of entry ``e``
+# The ids only: the images of entries still waiting after a failure are not read at every pass.
 MISSING = (
-    "SELECT e.id, i.data FROM entries e JOIN images i ON i.entry_id = e.id "
+    "SELECT e.id FROM entries e JOIN images i ON i.entry_id = e.id "
     f"WHERE e.id > ? AND NOT EXISTS ({HAS_EMBEDDING}) ORDER BY e.id LIMIT ?"
 )
+IMAGES_OF = "SELECT entry_id, data FROM images WHERE entry_id IN ({}) ORDER BY entry_id"
 # Stores the vector only if the entry still exists (it may be deleted while its image is embedded) and no
 # replica of this model stored one first; returns the entry id when it did.
 STORE_VECTOR = (
@@ -101,9 +104,10 @@ class ModelEmbeddings(IndexUpkeep):
             if self._closing.is_set() or self._stop_embedding.is_set():  # what is committed stays
                 raise GalleryError("re-embedding stopped: the gallery is closing")
             scanned, last_id = [int(row[0]) for row in rows], int(rows[-1][0])
-            due = [row for row in rows if self.embed_backoff.due(int(row[0]))]
-            if due:
-                done += self._store_batch(*self._embed_batch(embed, due))
+            due = [entry_id for entry_id in scanned if self.embed_backoff.due(entry_id)]
+            if due:  # (an entry deleted since the scan has no image any more: it drops out here)
+                images = self._db.query(IMAGES_OF.format(placeholders(due)), due)
+                done += self._store_batch(*self._embed_batch(embed, images))
                 self._note_reembed(min(done, total), max(total, done), progress)
             still_failing |= self.embed_backoff.known(scanned)
         self.embed_backoff.keep_only(still_failing)
