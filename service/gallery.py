@@ -32,6 +32,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from service.gallery_backoff import EmbedBackoff
 from service.gallery_db import DB_FILE as DB_FILE  # `X as X`: re-exported, callers import it from here
 from service.gallery_index import CHANGE_LOG_KEEP
 from service.gallery_index import GalleryStatus as GalleryStatus  # re-exported for callers
@@ -44,7 +45,7 @@ from service.gallery_input import (
     metadata_list,
     validate_label,
 )
-from service.gallery_models import Backfill, ModelEmbeddings
+from service.gallery_models import BACKFILL_POLL_S, Backfill, ModelEmbeddings
 from service.gallery_rebuild import Rebuilder
 from service.gallery_rows import Entry, placeholders
 from service.gallery_sync import Follower
@@ -89,6 +90,7 @@ class Gallery(ModelEmbeddings):
         self._follower: Follower | None = None
         self._backfill: Backfill | None = None
         self._stop_embedding = threading.Event()
+        self.embed_backoff = EmbedBackoff(BACKFILL_POLL_S)  # the backfill's first retry is its next poll
         self._rebuilder = Rebuilder(self._background_rebuild)
         self._closing = threading.Event()
         self._closed = False
@@ -241,6 +243,7 @@ class Gallery(ModelEmbeddings):
                 db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids])  # images, vectors cascade
                 log_changes(db, CHANGE_DELETE, ids)
                 seq = int(db.execute(LAST_SEQ)[0][0])
+            self.embed_backoff.forget(ids)
             if ids:
                 self._after_commit(seq, np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), np.float32), [], ids)
         return len(ids)

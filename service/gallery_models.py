@@ -11,7 +11,9 @@ work (the store's ``embed:<fingerprint>`` session lock); the others apply its ad
 At start the service runs it before it reports ready (searches refuse while the gallery is incomplete).
 Afterwards :class:`Backfill` runs it again in the background whenever the change log brings an entry
 enrolled with another model's vector: until then that entry is missing from this replica's answers, as a
-write of another replica is until the follower has applied it.
+write of another replica is until the follower has applied it. An image this model cannot embed (no face
+found, a file that does not decode) stays pending and is left alone for a while (``service.gallery_backoff``:
+one warning, then retries at growing intervals), so the backfill does not retry and warn about it every poll.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from service.gallery_backoff import EmbedBackoff
 from service.gallery_index import IndexUpkeep
 from service.gallery_input import GalleryError
+from service.gallery_rows import placeholders
 from service.store import CHANGE_ADD, log_changes
 
 logger = logging.getLogger("centerid.gallery")
@@ -33,10 +37,12 @@ REEMBED_POLL_S = 1.0  # a replica waiting for another one's embedding run re-rea
 BACKFILL_POLL_S = 60.0  # the backfill also looks for entries without this model's vector this often
 
 HAS_EMBEDDING = "SELECT 1 FROM embeddings m WHERE m.entry_id = e.id AND m.fingerprint = ?"  # of entry ``e``
+# The ids only: the images of entries still waiting after a failure are not read at every pass.
 MISSING = (
-    "SELECT e.id, i.data FROM entries e JOIN images i ON i.entry_id = e.id "
+    "SELECT e.id FROM entries e JOIN images i ON i.entry_id = e.id "
     f"WHERE e.id > ? AND NOT EXISTS ({HAS_EMBEDDING}) ORDER BY e.id LIMIT ?"
 )
+IMAGES_OF = "SELECT entry_id, data FROM images WHERE entry_id IN ({}) ORDER BY entry_id"
 # Stores the vector only if the entry still exists (it may be deleted while its image is embedded) and no
 # replica of this model stored one first; returns the entry id when it did.
 STORE_VECTOR = (
@@ -54,6 +60,7 @@ class ModelEmbeddings(IndexUpkeep):
     _closing: threading.Event
     _stop_embedding: threading.Event
     _backfill: Backfill | None
+    embed_backoff: EmbedBackoff  # entries this model failed to embed, each left alone until its wait is over
 
     def reembed(self, embed: Embed, batch_size: int = 64, progress: Progress | None = None) -> int:
         """Embed with this model every entry that has no vector of it; returns how many this call stored.
@@ -63,6 +70,7 @@ class ModelEmbeddings(IndexUpkeep):
         """
         total = self.pending_reembed
         if not total:
+            self.embed_backoff.keep_only(set())  # nothing pending: no failure left to wait for
             self._stale = 0
             return 0
         self._reembed_progress = (0, total)
@@ -88,36 +96,49 @@ class ModelEmbeddings(IndexUpkeep):
         return done
 
     def _embed_missing(self, embed: Embed, batch: int, total: int, progress: Progress | None) -> int:
+        """One pass over every pending entry, leaving out those still waiting after a failure; at its end
+        the remembered failures it no longer met (deleted, or stored by another replica) are forgotten."""
         done = last_id = 0
+        still_failing: set[int] = set()
         while rows := self._db.query(MISSING, (last_id, self.fingerprint, batch)):
             if self._closing.is_set() or self._stop_embedding.is_set():  # what is committed stays
                 raise GalleryError("re-embedding stopped: the gallery is closing")
-            embedded, vectors = self._embed_batch(embed, rows)
-            with self._write_lock:
-                with self._db.transaction() as db:
-                    stored = []
-                    for row, vector in zip(embedded, vectors, strict=True):
-                        args = (self.fingerprint, vector.astype("<f4").tobytes(), int(row[0]))
-                        stored += [int(r[0]) for r in db.execute(STORE_VECTOR, args)]
-                    log_changes(db, CHANGE_ADD, stored, self.fingerprint)
-                self._catch_up_locked()
-            done += len(stored)
-            last_id = int(rows[-1][0])
-            self._note_reembed(min(done, total), max(total, done), progress)
+            scanned, last_id = [int(row[0]) for row in rows], int(rows[-1][0])
+            due = [entry_id for entry_id in scanned if self.embed_backoff.due(entry_id)]
+            if due:  # (an entry deleted since the scan has no image any more: it drops out here)
+                images = self._db.query(IMAGES_OF.format(placeholders(due)), due)
+                done += self._store_batch(*self._embed_batch(embed, images))
+                self._note_reembed(min(done, total), max(total, done), progress)
+            still_failing |= self.embed_backoff.known(scanned)
+        self.embed_backoff.keep_only(still_failing)
         return done
+
+    def _store_batch(self, embedded: list[tuple[Any, ...]], vectors: np.ndarray) -> int:
+        """Commit the vectors of ``embedded`` (one transaction, logged as adds of this model); how many stored."""
+        self.embed_backoff.forget(int(row[0]) for row in embedded)
+        with self._write_lock:
+            with self._db.transaction() as db:
+                stored = []
+                for row, vector in zip(embedded, vectors, strict=True):
+                    args = (self.fingerprint, vector.astype("<f4").tobytes(), int(row[0]))
+                    stored += [int(r[0]) for r in db.execute(STORE_VECTOR, args)]
+                log_changes(db, CHANGE_ADD, stored, self.fingerprint)
+            self._catch_up_locked()
+        return len(stored)
 
     def _embed_batch(self, embed: Embed, rows: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], np.ndarray]:
         """The rows this model could embed, and their vectors. A batch that fails is retried one image at a
         time, and an image this model cannot take (another preprocessing than the model that enrolled it)
-        is skipped with a warning: it stays pending (counted in ``pending_reembed``, retried by the next
-        run), and one bad file never stops the rest of the gallery from being embedded."""
+        is skipped and remembered in :attr:`embed_backoff` (warned about once): it stays pending (counted in
+        ``pending_reembed``, tried again once its wait is over), and one bad file never stops the rest of the
+        gallery from being embedded."""
         try:
             vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
         except GalleryError:
             raise
         except Exception as error:
             if len(rows) == 1:
-                logger.warning("entry %s cannot be embedded by model %s: %s", rows[0][0], self.fingerprint[:12], error)
+                self.embed_backoff.failed(int(rows[0][0]), self.fingerprint[:12], error)
                 return [], np.zeros((0, self.dim), np.float32)
             singles = [self._embed_batch(embed, [row]) for row in rows]
             return [r for kept, _ in singles for r in kept], np.concatenate([v for _, v in singles])

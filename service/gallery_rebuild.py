@@ -21,8 +21,10 @@ replayed into it, and the gallery asks again if the swapped index still needs on
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -108,10 +110,14 @@ class Rebuilder:
     :meth:`checkpoint` between the build and the swap: that runs the test ``hook`` (which may block the builder
     to prove that searches and writes go on meanwhile) and raises :class:`RebuildCancelled` once :meth:`close`
     was called.
+
+    A bound ``run`` (the gallery's method) is held through a weak reference, so the thread does not keep its
+    gallery alive: a gallery dropped without :meth:`close` is garbage-collected, and its collection ends the
+    thread (as :meth:`close` would, without the join) instead of leaving it waiting forever.
     """
 
     def __init__(self, run: Callable[[str], bool]) -> None:
-        self._run = run
+        self._run = weakref.WeakMethod(run, self._owner_gone) if inspect.ismethod(run) else _strong(run)
         self._cond = threading.Condition()
         self._pending: str | None = None
         self._running: str | None = None
@@ -171,6 +177,13 @@ class Rebuilder:
         if self._thread.is_alive():
             logger.warning("the index rebuild did not stop within %.0fs; leaving it behind", timeout)
 
+    def _owner_gone(self, _: object) -> None:
+        """The gallery was garbage-collected without :meth:`close`: let the thread end."""
+        with self._cond:
+            self._closing = True
+            self._pending = None
+            self._cond.notify_all()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -180,20 +193,32 @@ class Rebuilder:
                 kind, self._pending = self._pending, None
                 self._running = kind
             assert kind is not None
-            error: str | None = None
-            swapped = False
-            try:
-                swapped = self._run(kind)
-            except RebuildCancelled:
-                logger.info("index rebuild (%s) cancelled: the gallery is closing", kind)
-            except Exception as failure:  # the old index keeps serving; the next request tries again
-                error = f"{type(failure).__name__}: {failure}"
-                logger.warning("background index rebuild (%s) failed, the current index keeps serving: %s", kind, error)
-            with self._cond:
-                self._running = None
-                if swapped:
-                    self._completed += 1
-                elif error is not None:
-                    self._failed += 1
-                    self._last_error = error
-                self._cond.notify_all()
+            self._run_one(kind)
+
+    def _run_one(self, kind: str) -> None:
+        """One rebuild; the gallery is held (strongly) only for its duration, in this frame."""
+        error: str | None = None
+        swapped = False
+        try:
+            run = self._run()
+            if run is None:  # collected between the request and now: nothing left to build for
+                raise RebuildCancelled(kind)
+            swapped = run(kind)
+        except RebuildCancelled:
+            logger.info("index rebuild (%s) cancelled: the gallery is closing", kind)
+        except Exception as failure:  # the old index keeps serving; the next request tries again
+            error = f"{type(failure).__name__}: {failure}"
+            logger.warning("background index rebuild (%s) failed, the current index keeps serving: %s", kind, error)
+        with self._cond:
+            self._running = None
+            if swapped:
+                self._completed += 1
+            elif error is not None:
+                self._failed += 1
+                self._last_error = error
+            self._cond.notify_all()
+
+
+def _strong(run: Callable[[str], bool]) -> Callable[[], Callable[[str], bool]]:
+    """A plain function's stand-in for a weak reference: it is always there."""
+    return lambda: run

@@ -105,6 +105,10 @@ class GalleryInfo(BaseModel):
     search: str = Field(description="the FAISS index searched now, with its search-time settings")
     fingerprint: str = Field(description="the model whose embeddings this replica's index searches (the bundle's)")
     pending: int = Field(description="entries without an embedding of this model yet (enrolled on another model)")
+    unembeddable: int = Field(
+        description="of the pending entries, those this model failed to embed (no face found, undecodable): "
+        "left alone until their retry (the poll period, doubling up to an hour; a restart tries again)"
+    )
     models: dict[str, int] = Field(description="stored embeddings per model fingerprint (two during an upgrade)")
 
 
@@ -146,6 +150,7 @@ class Info(BaseModel):
                 "search": "IndexFlatIP",
                 "fingerprint": "3f2a9c1b7d4e…",
                 "pending": 0,
+                "unembeddable": 0,
                 "models": {"3f2a9c1b7d4e…": 120},
             },
             "max_batch": 32,

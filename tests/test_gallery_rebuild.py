@@ -1,12 +1,15 @@
 """Background rebuilds: while an HNSW compaction or an IVF retrain is held at its checkpoint (a hook that
 blocks the builder thread), searches and writes complete on the old index without a deleted entry coming
 back or an acknowledged add going missing; the index swapped in then answers exactly what brute force over
-the store's live rows answers. Requests coalesce, a failure keeps the old index, close() cancels."""
+the store's live rows answers. Requests coalesce, a failure keeps the old index, close() cancels, and a
+gallery dropped without close() leaves no builder thread behind."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +163,23 @@ def test_close_cancels_a_running_rebuild_and_the_old_index_is_what_is_saved(tmp_
         assert reopened.wait_for_rebuild(WAIT_S)  # the reopened index asks for the compaction again
         assert reopened.status().rebuild.completed == 1 and not reopened._state.tombstones
         assert_matches_brute_force(reopened, vectors[::9])
+
+
+def test_a_gallery_dropped_without_close_leaves_no_builder_thread(tmp_path: Path) -> None:
+    """The builder thread holds its gallery only weakly: collecting the gallery ends it (daemon is not enough:
+    a daemon thread left waiting holds the gallery, its index and store connection until the process ends)."""
+    before = set(threading.enumerate())
+    gallery = Gallery.open(tmp_path, DIM, "m", "hnsw", IndexParams(hnsw_m=8))
+    vectors, _ = clustered(30, seed=5)
+    gallery.add("a", vectors, [b"x"] * len(vectors))
+    gallery.delete_label("a")  # tombstones: the builder thread gets work before the gallery is dropped
+    assert gallery.wait_for_rebuild(WAIT_S) and gallery.status().rebuild.completed == 1
+    started = {t for t in set(threading.enumerate()) - before if t.name.startswith("gallery-")}
+    assert {t.name for t in started} == {"gallery-rebuild"}
+    del gallery
+    gc.collect()
+    deadline = time.monotonic() + WAIT_S
+    while any(t.is_alive() for t in started):
+        assert time.monotonic() < deadline, "the builder thread outlived its gallery"
+        threading.Event().wait(0.01)
+    assert not started & set(threading.enumerate())

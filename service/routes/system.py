@@ -108,6 +108,7 @@ async def info(state: Annotated[ServiceState, Depends(ready_state)]) -> Info:
             search=await run_in_threadpool(gallery.index_description),
             fingerprint=gallery.fingerprint,
             pending=await run_in_threadpool(lambda: gallery.pending_reembed),
+            unembeddable=len(gallery.embed_backoff),
             models=await run_in_threadpool(gallery.models),
         ),
         faces=_faces_info(state),
