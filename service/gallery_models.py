@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from service.errors import NotReady, Overloaded
 from service.gallery_backoff import EmbedBackoff
 from service.gallery_index import IndexUpkeep
 from service.gallery_input import GalleryError
@@ -134,7 +135,7 @@ class ModelEmbeddings(IndexUpkeep):
         gallery from being embedded."""
         try:
             vectors = self._check_vectors(embed([bytes(row[1]) for row in rows]))
-        except GalleryError:
+        except (GalleryError, NotReady, Overloaded):  # the store or the embedder, not the image: the caller retries
             raise
         except Exception as error:
             if len(rows) == 1:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.errors import NotReady, Overloaded
 from service.gallery import Gallery
 from service.gallery_backoff import BACKOFF_MAX_S, EmbedBackoff
 from service.gallery_models import BACKFILL_POLL_S
@@ -197,3 +198,19 @@ def test_the_backfill_thread_warns_once_across_its_passes(
         assert model.offered[BAD] == 3 and new.pending_reembed == 1 and len(new.embed_backoff) == 1
         assert len(warnings_about(caplog, bad, logging.WARNING)) == 1
         assert len(warnings_about(caplog, bad, logging.DEBUG)) == 1
+
+
+@pytest.mark.parametrize("error", [NotReady("the inference worker is not running"), Overloaded("queue full")])
+def test_an_embedder_that_cannot_take_work_backs_off_no_entry(tmp_path: Path, error: Exception) -> None:
+    """The embedder stopping or being full says nothing about the images: no entry is remembered as failed,
+    and the error reaches the caller (the backfill loop logs it and tries again at its next pass)."""
+    gallery, _, _ = upgraded_gallery(tmp_path)
+
+    def unavailable(blobs: list[bytes]) -> np.ndarray:
+        raise error
+
+    with gallery:
+        with pytest.raises(type(error)):
+            gallery.reembed(unavailable, batch_size=4)
+        assert len(gallery.embed_backoff) == 0 and gallery.pending_reembed == 9
+        assert gallery.reembed(FakeModel(), batch_size=4) == 8  # the next pass: everything but BAD
