@@ -88,7 +88,9 @@ class OnnxRuntimeBackend:
 
 
 class OpenVinoBackend:
-    """The exported network compiled by OpenVINO's CPU plugin (fp32, latency mode, one stream).
+    """The exported network compiled by OpenVINO's CPU plugin (fp32, latency mode, one stream, threads not
+    pinned to cores: the service shares its cores with the event loop, the decode pool and FAISS, and may be
+    one of several replicas on a host, each of which would pin itself to the same first cores).
 
     One infer request serves every call, under a lock: a request is not reentrant, and the service calls the
     backend from its single inference thread anyway (the lock only matters for the start-up probe and tests)."""
@@ -104,6 +106,7 @@ class OpenVinoBackend:
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "f32",
+            "ENABLE_CPU_PINNING": False,
         }
         self.compiled = core.compile_model(core.read_model(model_bytes), "CPU", config)
         self.request = self.compiled.create_infer_request()

@@ -66,11 +66,13 @@ def test_an_answer_is_not_rewritten_by_the_next_call(
 
 
 def test_openvino_runs_in_fp32_even_where_the_cpu_would_pick_bf16(bundle_dir: Path, tmp_path: Path) -> None:
-    """OpenVINO's CPU plugin defaults to bf16 on CPUs with AMX; equal embeddings need f32 on every CPU."""
+    """OpenVINO's CPU plugin defaults to bf16 on CPUs with AMX; equal embeddings need f32 on every CPU. Its
+    threads are not pinned (replicas on one host would all pin to the same cores)."""
     import openvino as ov
 
     backend = RUNTIMES["openvino"](backends.cached_onnx(load_bundle(bundle_dir), tmp_path), 1)
     assert backend.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    assert backend.compiled.get_property("ENABLE_CPU_PINNING") is False
 
 
 def test_the_export_is_cached_by_weights_hash_and_reused(
