@@ -58,7 +58,8 @@ RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])
     && rm -rf "${site}/torch/include" "${site}/torch/share/cmake" "${site}/onnx/backend/test" \
     && ov="${site}/openvino" && rm -rf "${ov}/include" "${ov}/libs/cache.json" \
         "${ov}/libs/libopenvino_intel_gpu_plugin.so" "${ov}/libs/libopenvino_intel_npu_plugin.so" \
-        "${ov}"/libs/libopenvino_{tensorflow,tensorflow_lite,paddle,pytorch,jax,gguf}_frontend.so* \
+    && for frontend in tensorflow tensorflow_lite paddle pytorch jax gguf; do \
+        rm -f "${ov}/libs/libopenvino_${frontend}_frontend.so"*; done \
     && find "${site}" -type d -name tests -prune -exec rm -rf {} + \
     && python deploy/image_check.py
 
