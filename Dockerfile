@@ -47,13 +47,19 @@ RUN --mount=type=bind,source=wheels,target=/wheels \
 
 # What the runtime never reads (~140 MB): pip/setuptools (nothing installs at run time; the image is rebuilt
 # instead), torch's C++ headers and CMake files (only for compiling extensions or torch.compile's C++ code,
-# which also needs a compiler the slim image does not have), the packages' own test suites, and onnx's
-# backend test data (the export imports only `onnx` itself). deploy/image_check.py then imports every module
-# of the installed packages and runs the ONNX export + ONNX Runtime route: a wrong deletion fails the build.
+# which also needs a compiler the slim image does not have), the packages' own test suites, onnx's backend
+# test data (the export imports only `onnx` itself), and OpenVINO's GPU/NPU plugins, its GPU kernel cache,
+# its C++ headers and the model frontends other than ONNX (~75 MB: the service compiles only the ONNX export,
+# on the CPU plugin). deploy/image_check.py then imports every module of the installed packages and runs the
+# ONNX export through every runtime: a wrong deletion fails the build.
 COPY deploy/image_check.py deploy/
 RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && python -m pip uninstall -y -q pip setuptools wheel \
     && rm -rf "${site}/torch/include" "${site}/torch/share/cmake" "${site}/onnx/backend/test" \
+    && ov="${site}/openvino" && rm -rf "${ov}/include" "${ov}/libs/cache.json" \
+        "${ov}/libs/libopenvino_intel_gpu_plugin.so" "${ov}/libs/libopenvino_intel_npu_plugin.so" \
+    && for frontend in tensorflow tensorflow_lite paddle pytorch jax gguf; do \
+        rm -f "${ov}/libs/libopenvino_${frontend}_frontend.so"*; done \
     && find "${site}" -type d -name tests -prune -exec rm -rf {} + \
     && python deploy/image_check.py
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from service.backends import OnnxRuntimeBackend, TorchBackend, cached_onnx
+from service.backends import RUNTIMES, TorchBackend, cached_onnx
 from training.bundle import load_bundle
 from training.datasets import orl_source_dir
 
@@ -26,9 +26,10 @@ def ceilings(bundle_dir: Path, names: list[str], batch: int, threads: int, cache
         root = orl_source_dir()
         images = [Image.open(root / f"s{1 + i % 40}" / f"{1 + i % 10}.pgm") for i in range(batch)]
         tensor = bundle.preprocess.batch(images).numpy()
-        candidates = {"torch": lambda: TorchBackend(bundle)}
-        candidates["onnxruntime"] = lambda: OnnxRuntimeBackend(cached_onnx(bundle, cache), threads)
-        backends = [candidates[name]() for name in names]
+        backends = [
+            TorchBackend(bundle) if name == "torch" else RUNTIMES[name](cached_onnx(bundle, cache), threads)
+            for name in names
+        ]
         samples: dict[str, list[tuple[float, float]]] = {backend.name: [] for backend in backends}
         for backend in backends:
             backend(tensor)

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=600, help="requests per level")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--endpoint", choices=["embed", "identify"], default="embed")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="onnxruntime")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="onnxruntime")
     p.add_argument("--max-batch", type=int, default=32)
     return p.parse_args(argv)
 

@@ -42,11 +42,14 @@ import torch.nn.functional as F
 
 from bench.ceilings import ceilings, print_ceilings
 from bench.serve_load_report import HEADER, Level, format_row, goals, provenance
+from service.backends import RUNTIMES
 from service.settings import available_cores
 from training.bundle import Threshold, load_bundle, save_bundle
 from training.datasets import orl_source_dir
 from training.models import build_model
 from training.preprocess import InputSpec
+
+BACKENDS = ["torch", *RUNTIMES]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=300, help="requests per (mode, endpoint, concurrency) level")
     p.add_argument("--max-seconds", type=float, default=15.0, help="time cap per level")
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"], choices=["torch", "onnxruntime"])
+    p.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--torch-threads", type=int, default=0, help="server's CENTERID_TORCH_THREADS (0 = its default)")
     p.add_argument("--gallery", type=int, default=200, help="entries enrolled before /identify runs")
@@ -332,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         cache = work / "model-cache"
         before = ceilings(bundle, args.backends, args.max_batch, threads, cache)
         print_ceilings("before", before, args.max_batch)
+        single = ceilings(bundle, args.backends, 1, threads, cache)  # what batching can save in the forward
+        print_ceilings("before", single, 1)
         print(HEADER, flush=True)
         levels = measure(bundle, work, args)
         after = ceilings(bundle, args.backends, args.max_batch, threads, cache)
@@ -347,12 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         load_after = os.getloadavg()
         print(f"load average after: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}", flush=True)
-    verdicts = goals(levels, ceiling_ips)
+    verdicts = goals(levels, ceiling_ips, single)
     print("\n".join(verdicts))
     if args.json:
         payload = {
             "ceiling_images_per_s": ceiling_ips,
             "ceiling_before_after": {"before": before, "after": after},
+            "ceiling_batch_1": single,
             "load_average": {"before": load_before, "after": load_after},
             **run,
             "levels": [asdict(x) for x in levels],

@@ -1,14 +1,17 @@
 """Inference backends behind the embedder: torch eager, or the same network exported to ONNX and run by
-ONNX Runtime, chosen by measurement.
+ONNX Runtime or OpenVINO, chosen by measurement.
 
-``CENTERID_BACKEND=torch`` always works. ``onnxruntime`` exports the bundle's network once
+``CENTERID_BACKEND=torch`` always works. ``onnxruntime`` and ``openvino`` export the bundle's network once
 (``torch.onnx.export``) into a cache folder the service owns, keyed by the bundle's weights hash (never into
-the bundle, which may be read-only), checks on a fixed probe batch that both give the same embeddings
-(cosine ≥ :data:`MIN_COSINE`), and refuses to start with one line if it cannot. ``auto`` measures both on
-the server's own batch size and thread count, interleaved, and records the winner in the cache keyed by
-weights, versions, threads and batch, so that later starts reuse the measurement instead of re-deciding on a
-noisy two-second probe; when ONNX Runtime is missing or the export fails it falls back to torch with a
-warning.
+the bundle, which may be read-only), check on a fixed probe batch that the runtime gives torch's embeddings
+(cosine ≥ :data:`MIN_COSINE`), and refuse to start with one line if it cannot. ``auto`` measures every
+backend that passes that check on the server's own batch size and thread count, interleaved, and records the
+winner in the cache keyed by weights, versions, threads and batch, so that later starts reuse the
+measurement instead of re-deciding on a noisy probe; a runtime that is missing, fails to load the export or
+disagrees is left out with a warning (torch is always a candidate).
+
+All three run in fp32: OpenVINO's CPU plugin would default to bf16 on CPUs with AMX, which is a precision
+change whose accuracy cost on unseen identities has not been measured, so it is pinned to f32.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -35,7 +39,7 @@ from training.bundle import Bundle
 
 logger = logging.getLogger("centerid.service")
 
-BackendName = Literal["auto", "torch", "onnxruntime"]
+BackendName = Literal["auto", "torch", "onnxruntime", "openvino"]
 MIN_COSINE = 0.9999  # per-row cosine between the torch and ONNX Runtime embeddings of the probe batch
 ONNX_OPSET = 17
 PROBE_ROUNDS = 3
@@ -83,7 +87,40 @@ class OnnxRuntimeBackend:
         return (features / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
-Backend = TorchBackend | OnnxRuntimeBackend
+class OpenVinoBackend:
+    """The exported network compiled by OpenVINO's CPU plugin (fp32, latency mode, one stream, threads not
+    pinned to cores: the service shares its cores with the event loop, the decode pool and FAISS, and may be
+    one of several replicas on a host, each of which would pin itself to the same first cores).
+
+    One infer request serves every call, under a lock: a request is not reentrant, and the service calls the
+    backend from its single inference thread anyway (the lock only matters for the start-up probe and tests)."""
+
+    name = "openvino"
+
+    def __init__(self, model_bytes: bytes, threads: int) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config = {
+            "INFERENCE_NUM_THREADS": max(1, threads),
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",
+            "ENABLE_CPU_PINNING": False,
+        }
+        self.compiled = core.compile_model(core.read_model(model_bytes), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            features = self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+            norms = np.linalg.norm(features, axis=1, keepdims=True)
+            return (features / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)  # a new array
+
+
+Backend = TorchBackend | OnnxRuntimeBackend | OpenVinoBackend
+RUNTIMES: dict[str, Callable[[bytes, int], Backend]] = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVinoBackend}
 
 
 def probe_batch(bundle: Bundle, rows: int = 8) -> np.ndarray:
@@ -189,36 +226,48 @@ def measure(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _recorded_choice(path: Path | None, key: dict[str, Any]) -> str | None:
+def _recorded_choice(path: Path | None, key: dict[str, Any], names: list[str]) -> str | None:
     if path is None or not path.is_file():
         return None
     with contextlib.suppress(OSError, ValueError):
         record = json.loads(path.read_text())
-        if isinstance(record, dict) and record.get("key") == key and record.get("choice") in ("torch", "onnxruntime"):
+        if isinstance(record, dict) and record.get("key") == key and record.get("choice") in names:
             return str(record["choice"])
     return None
 
 
-def _choice_key(bundle: Bundle, threads: int, max_batch: int) -> dict[str, Any]:
-    import onnxruntime as ort
+def runtime_version(name: str) -> str:
+    """The installed version of a runtime (part of the recorded choice's key: a new release may be faster)."""
+    from importlib.metadata import version
 
+    return version(name)
+
+
+def _choice_key(bundle: Bundle, names: list[str], threads: int, max_batch: int) -> dict[str, Any]:
     return {
         "model": cache_key(bundle),
-        "onnxruntime": ort.__version__,
+        "candidates": {name: runtime_version(name) for name in names},
         "threads": threads,
         "max_batch": max_batch,
         "cpus": os.cpu_count(),
     }
 
 
-def _onnx_backend(bundle: Bundle, torch_backend: TorchBackend, cache_dir: Path | None, threads: int) -> Backend:
-    """ONNX Runtime on the exported network, refused unless it reproduces torch's embeddings."""
-    candidate = OnnxRuntimeBackend(cached_onnx(bundle, cache_dir), threads)
+def _runtime_backend(
+    name: str, bundle: Bundle, torch_backend: TorchBackend, cache_dir: Path | None, threads: int
+) -> Backend:
+    """A runtime on the exported network, refused unless it reproduces torch's embeddings."""
+    candidate = RUNTIMES[name](cached_onnx(bundle, cache_dir), threads)
     probe = probe_batch(bundle)
     agreement = min_cosine(torch_backend(probe), candidate(probe))
     if agreement < MIN_COSINE:
-        raise BackendError(f"ONNX Runtime embeddings differ from torch's (min cosine {agreement:.6f} < {MIN_COSINE})")
+        raise BackendError(f"{name} embeddings differ from torch's (min cosine {agreement:.6f} < {MIN_COSINE})")
     return candidate
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 def select_backend(
@@ -228,29 +277,35 @@ def select_backend(
     torch_backend = TorchBackend(bundle)
     if requested == "torch" or bundle.centers.device.type != "cpu":
         return torch_backend, {"requested": requested, "reason": "requested" if requested == "torch" else "device"}
-    try:
-        onnx = _onnx_backend(bundle, torch_backend, cache_dir, threads)
-    except Exception as error:  # missing package, export or session failure, disagreement
-        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-        if requested == "onnxruntime":
-            raise BackendError(f"CENTERID_BACKEND=onnxruntime cannot run this bundle: {message}") from None
-        logger.warning("ONNX Runtime unavailable for this bundle (%s): serving with torch", message)
-        return torch_backend, {"requested": requested, "reason": f"fallback: {message}"}
-    if requested == "onnxruntime":
-        return onnx, {"requested": requested, "reason": "requested"}
-    return _auto(bundle, torch_backend, onnx, cache_dir, threads, max_batch)
+    runtimes, failures = {}, {}
+    for name in RUNTIMES if requested == "auto" else [requested]:
+        try:
+            runtimes[name] = _runtime_backend(name, bundle, torch_backend, cache_dir, threads)
+        except Exception as error:  # missing package, export or session failure, disagreement
+            failures[name] = _one_line(error)
+    if requested != "auto":
+        if failures:
+            raise BackendError(f"CENTERID_BACKEND={requested} cannot run this bundle: {failures[requested]}")
+        return runtimes[requested], {"requested": requested, "reason": "requested"}
+    for name, message in failures.items():
+        logger.warning("%s unavailable for this bundle (%s): not a candidate", name, message)
+    if not runtimes:
+        reasons = "; ".join(f"{name}: {message}" for name, message in failures.items())
+        return torch_backend, {"requested": requested, "reason": f"fallback: {reasons}"[:600]}
+    return _auto(bundle, [torch_backend, *runtimes.values()], cache_dir, threads, max_batch)
 
 
 def _auto(
-    bundle: Bundle, torch_backend: TorchBackend, onnx: Backend, cache_dir: Path | None, threads: int, max_batch: int
+    bundle: Bundle, candidates: list[Backend], cache_dir: Path | None, threads: int, max_batch: int
 ) -> tuple[Backend, dict[str, Any]]:
-    key = _choice_key(bundle, threads, max_batch)
+    by_name = {backend.name: backend for backend in candidates}
+    names = list(by_name)
+    key = _choice_key(bundle, names, threads, max_batch)
     record = None if cache_dir is None else cache_dir / f"{key['model']}.choice.json"
-    by_name: dict[str, Backend] = {"torch": torch_backend, "onnxruntime": onnx}
-    recorded = _recorded_choice(record, key)
+    recorded = _recorded_choice(record, key, names)
     if recorded is not None:
         return by_name[recorded], {"requested": "auto", "reason": "recorded measurement", "record": str(record)}
-    rates = measure([torch_backend, onnx], probe_batch(bundle, max_batch))
+    rates = measure(candidates, probe_batch(bundle, max_batch))
     choice = max(rates, key=lambda name: rates[name])
     logger.info("backend probe (images/s at batch %d, %d threads): %s → %s", max_batch, threads, rates, choice)
     if record is not None:

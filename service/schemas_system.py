@@ -113,8 +113,8 @@ class GalleryInfo(BaseModel):
 
 
 class BackendInfo(BaseModel):
-    name: Literal["torch", "onnxruntime"]
-    requested: Literal["auto", "torch", "onnxruntime"]
+    name: Literal["torch", "onnxruntime", "openvino"]
+    requested: Literal["auto", "torch", "onnxruntime", "openvino"]
     reason: str  # requested | measured | recorded measurement | fallback: <why> | device
 
 

@@ -1,5 +1,6 @@
-"""Inference backends: ONNX Runtime gives torch's embeddings, the export is cached by weights hash outside the
-bundle, ``auto`` picks the measured winner and reuses the record, a bad export is refused, /info says which."""
+"""Inference backends: ONNX Runtime and OpenVINO give torch's embeddings, the export is cached by weights hash
+outside the bundle, ``auto`` picks the measured winner and reuses the record, a bad export is refused, a
+missing runtime is left out, /info says which."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from conftest import orl_bytes, orl_image, service_client
 
 from service import backends
-from service.backends import BackendError, OnnxRuntimeBackend, TorchBackend, cache_key, select_backend
+from service.backends import RUNTIMES, BackendError, TorchBackend, cache_key, select_backend
 from service.embedder import Embedder
 from training.bundle import load_bundle
 
@@ -37,17 +38,41 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_onnxruntime_gives_torchs_embeddings_on_a_fixed_image_set(
-    bundle_dir: Path, images: np.ndarray, tmp_path: Path
+@pytest.mark.parametrize("runtime", sorted(RUNTIMES))
+def test_each_runtime_gives_torchs_embeddings_on_a_fixed_image_set(
+    bundle_dir: Path, images: np.ndarray, tmp_path: Path, runtime: str
 ) -> None:
     bundle = load_bundle(bundle_dir)
     expected = reference(bundle_dir, images)
-    onnx = OnnxRuntimeBackend(backends.cached_onnx(bundle, tmp_path), threads=1)
-    for backend in (TorchBackend(bundle), onnx):
+    exported = RUNTIMES[runtime](backends.cached_onnx(bundle, tmp_path), 1)
+    for backend in (TorchBackend(bundle), exported):
         got = backend(images)
         assert got.dtype == np.float32 and got.shape == expected.shape
         assert cosines(got, expected).min() >= 0.9999, backend.name
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime", sorted(RUNTIMES))
+def test_an_answer_is_not_rewritten_by_the_next_call(
+    bundle_dir: Path, images: np.ndarray, tmp_path: Path, runtime: str
+) -> None:
+    """A runtime may hand back a view of its own output buffer; what the embedder was given must stay put."""
+    backend = RUNTIMES[runtime](backends.cached_onnx(load_bundle(bundle_dir), tmp_path), 1)
+    first = backend(images[:4])
+    kept = first.copy()
+    backend(images[4:8])
+    backend(images[8:20])
+    np.testing.assert_array_equal(first, kept)
+
+
+def test_openvino_runs_in_fp32_even_where_the_cpu_would_pick_bf16(bundle_dir: Path, tmp_path: Path) -> None:
+    """OpenVINO's CPU plugin defaults to bf16 on CPUs with AMX; equal embeddings need f32 on every CPU. Its
+    threads are not pinned (replicas on one host would all pin to the same cores)."""
+    import openvino as ov
+
+    backend = RUNTIMES["openvino"](backends.cached_onnx(load_bundle(bundle_dir), tmp_path), 1)
+    assert backend.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    assert backend.compiled.get_property("ENABLE_CPU_PINNING") is False
 
 
 def test_the_export_is_cached_by_weights_hash_and_reused(
@@ -66,33 +91,58 @@ def test_the_export_is_cached_by_weights_hash_and_reused(
     assert backends.cached_onnx(first, tmp_path / "cache") == data
 
 
-def test_an_unwritable_cache_still_serves(bundle_dir: Path, images: np.ndarray, tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", sorted(RUNTIMES))
+def test_an_unwritable_cache_still_serves(bundle_dir: Path, images: np.ndarray, tmp_path: Path, runtime: str) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     bundle = load_bundle(bundle_dir)
-    backend, choice = select_backend(bundle, "onnxruntime", blocker / "cache", threads=1, max_batch=8)
-    assert backend.name == "onnxruntime" and choice["reason"] == "requested"
+    backend, choice = select_backend(bundle, runtime, blocker / "cache", threads=1, max_batch=8)  # type: ignore[arg-type]
+    assert backend.name == runtime and choice["reason"] == "requested"
     assert cosines(backend(images), reference(bundle_dir, images)).min() >= 0.9999
 
 
 def test_an_export_that_disagrees_is_refused_or_falls_back(
     bundle_dir: Path, second_bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An ONNX model of other weights must never serve: explicit onnxruntime refuses, auto uses torch."""
+    """An ONNX model of other weights must never serve: an explicit runtime refuses, auto uses torch."""
     other = backends.export_onnx(load_bundle(second_bundle_dir))
     monkeypatch.setattr(backends, "cached_onnx", lambda *_: other)
     bundle = load_bundle(bundle_dir)
-    with pytest.raises(BackendError, match="min cosine"):
-        select_backend(bundle, "onnxruntime", tmp_path, threads=1, max_batch=8)
+    for runtime in RUNTIMES:
+        with pytest.raises(BackendError, match=f"BACKEND={runtime} .*min cosine"):
+            select_backend(bundle, runtime, tmp_path, threads=1, max_batch=8)  # type: ignore[arg-type]
     backend, choice = select_backend(bundle, "auto", tmp_path, threads=1, max_batch=8)
     assert backend.name == "torch" and choice["reason"].startswith("fallback")
+    assert all(f"{runtime}: BackendError" in choice["reason"] for runtime in RUNTIMES)
 
 
-@pytest.mark.parametrize("winner", ["torch", "onnxruntime"])
+def test_a_runtime_that_cannot_load_is_left_out_of_auto(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    measured = []
+
+    def missing(*_: object) -> None:
+        raise ImportError("No module named 'openvino'")
+
+    def fake_measure(candidates: list[object], batch: np.ndarray, rounds: int = 3) -> dict[str, float]:
+        measured.append(sorted(backend.name for backend in candidates))  # type: ignore[attr-defined]
+        return {backend.name: 1.0 for backend in candidates}  # type: ignore[attr-defined]
+
+    monkeypatch.setitem(backends.RUNTIMES, "openvino", missing)
+    monkeypatch.setattr(backends, "measure", fake_measure)
+    with caplog.at_level("WARNING", logger="centerid.service"):
+        _, choice = select_backend(load_bundle(bundle_dir), "auto", tmp_path, threads=1, max_batch=8)
+    assert measured == [["onnxruntime", "torch"]] and choice["reason"] == "measured"
+    assert "openvino unavailable for this bundle (ImportError: No module named 'openvino')" in caplog.text
+    with pytest.raises(BackendError, match="CENTERID_BACKEND=openvino cannot run this bundle: ImportError"):
+        select_backend(load_bundle(bundle_dir), "openvino", tmp_path, threads=1, max_batch=8)
+
+
+@pytest.mark.parametrize("winner", ["torch", *sorted(RUNTIMES)])
 def test_auto_serves_the_measured_winner_and_reuses_the_record(
     bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, winner: str
 ) -> None:
-    rates = {"torch": 100.0, "onnxruntime": 100.0, winner: 150.0}
+    rates = {"torch": 100.0, **{name: 100.0 for name in RUNTIMES}, winner: 150.0}
     calls = []
 
     def fake_measure(candidates: list[object], batch: np.ndarray, rounds: int = 3) -> dict[str, float]:
@@ -147,11 +197,12 @@ def test_batches_of_different_sizes_never_leak_rows_between_each_other(bundle_di
     assert cosines(oversized, expected[:20]).min() >= 0.9999
 
 
-def test_info_names_the_backend_and_embed_agrees_with_torch(bundle_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", sorted(RUNTIMES))
+def test_info_names_the_backend_and_embed_agrees_with_torch(bundle_dir: Path, tmp_path: Path, runtime: str) -> None:
     files = [("files", (f"{j}.pgm", orl_bytes(3, j), "image/x-portable-graymap")) for j in (1, 2, 3)]
-    with service_client(bundle_dir, tmp_path / "gallery", backend="onnxruntime", model_cache_dir=tmp_path) as client:
+    with service_client(bundle_dir, tmp_path / "gallery", backend=runtime, model_cache_dir=tmp_path) as client:
         info = client.get("/info").json()
-        assert info["backend"] == {"name": "onnxruntime", "requested": "onnxruntime", "reason": "requested"}
+        assert info["backend"] == {"name": runtime, "requested": runtime, "reason": "requested"}
         served = np.array(client.post("/embed", files=files).json()["embeddings"], np.float32)
     bundle = load_bundle(bundle_dir)
     batch = bundle.preprocess.batch([orl_image(3, j) for j in (1, 2, 3)])

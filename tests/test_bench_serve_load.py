@@ -33,3 +33,12 @@ def test_goals_are_judged_against_the_ceiling_and_the_unbatched_server() -> None
     assert "onnxruntime: /identify at c=32 is 50.0% of the ceiling, 4.00 CPU ms/req, batching vs none 2.0×" in lines
     assert not any(line.startswith("torch: /identify") for line in lines)  # no torch /identify level given
     assert lines[-1] == "errors: 2 (goal 0): NOT met"
+
+
+def test_the_batch_1_ceiling_bounds_what_batching_can_give() -> None:
+    levels = [level("openvino", "batching", "embed", 500.0), level("openvino", "no batching", "embed", 400.0)]
+    ceilings = {"openvino": {"images_per_s": 750.0, "cpu_ms_per_image": 1.3}}
+    single = {"openvino": {"images_per_s": 600.0, "cpu_ms_per_image": 1.7}}
+    lines = goals(levels, ceilings, single)
+    assert "openvino: the forward alone is 1.25× faster per image at the max batch than at 1" in lines  # 750 / 600
+    assert not any("faster per image" in line for line in goals(levels, ceilings))  # no batch-1 ceiling given

@@ -22,7 +22,7 @@ def run_check(prelude: str = "") -> subprocess.CompletedProcess[str]:
 def test_the_image_check_passes_on_the_project_venv() -> None:
     result = run_check()
     assert result.returncode == 0, result.stderr
-    assert "ONNX export + runtime agree" in result.stdout
+    assert "ONNX export + onnxruntime, openvino agree" in result.stdout
     imported = int(result.stdout.split("image check: ")[1].split()[0])
     expected = [p for p in (ROOT / "service").rglob("*.py")] + [p for p in (ROOT / "training").rglob("*.py")]
     assert imported == len([p for p in expected if p.name != "__main__.py"])  # every module, none skipped
@@ -33,3 +33,9 @@ def test_the_image_check_fails_when_onnx_is_removed() -> None:
     still notice its absence, as the ONNX backend (CENTERID_BACKEND=auto) would at start."""
     result = run_check("import sys; sys.modules['onnx'] = None")
     assert result.returncode != 0 and "onnx" in result.stderr
+
+
+def test_the_image_check_fails_when_a_runtime_plugin_is_gone() -> None:
+    """The build deletes parts of OpenVINO; losing what the CPU route needs must stop it."""
+    result = run_check("import sys; sys.modules['openvino'] = None")
+    assert result.returncode != 0 and "openvino" in result.stderr
