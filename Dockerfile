@@ -72,10 +72,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     CENTERID_BUNDLE=/bundles/demo \
     CENTERID_DATA_DIR=/gallery \
     CENTERID_HOST=0.0.0.0 \
-    CENTERID_PORT=8000
+    CENTERID_PORT=8000 \
+    CENTERID_MODEL_CACHE_DIR=/model-cache
+# /model-cache: the ONNX export and the recorded backend choice (service/backends.py); docker-compose.yml mounts
+# one volume there for every API container, so a restart or another replica reuses them instead of re-deciding
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/centerid centerid \
-    && mkdir -p /bundles /gallery /samples /data \
-    && chown centerid:centerid /bundles /gallery /samples /data
+    && mkdir -p /bundles /gallery /samples /data /model-cache \
+    && chown centerid:centerid /bundles /gallery /samples /data /model-cache
 COPY --from=build /opt/venv /opt/venv
 USER 10001:10001
 WORKDIR /home/centerid

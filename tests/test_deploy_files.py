@@ -83,6 +83,20 @@ def test_services_and_volumes(compose: str, services: dict[str, str]) -> None:
     assert {"bundles", "gallery", "samples"} <= set(children(children(compose)["volumes"]))
 
 
+def test_every_api_container_shares_one_model_cache(
+    compose: str, services: dict[str, str], dockerfile: list[str]
+) -> None:
+    """The export and the recorded backend choice live on one volume at the image's CENTERID_MODEL_CACHE_DIR,
+    writable by the image's user: a restart or another replica reuses them instead of measuring anew."""
+    text = "\n".join(dockerfile)
+    assert re.search(r"CENTERID_MODEL_CACHE_DIR=/model-cache\b", text)
+    assert re.search(r"chown centerid:centerid [^\n]*/model-cache", text)
+    assert "model-cache" in children(children(compose)["volumes"])
+    for name in ("api", "replica"):
+        mounts = {line.strip() for line in path(services[name], "volumes").splitlines() if line.strip()}
+        assert "- model-cache:/model-cache" in mounts, name
+
+
 def test_api_waits_for_the_init_job(services: dict[str, str]) -> None:
     assert path(services["api"], "depends_on", "init", "condition") == "service_completed_successfully"
     assert path(services["init"], "restart") == '"no"'
