@@ -30,6 +30,7 @@ from service.gallery_backoff import EmbedBackoff
 from service.gallery_index import IndexUpkeep
 from service.gallery_input import GalleryError
 from service.gallery_rows import placeholders
+from service.held_weakly import held_weakly
 from service.store import CHANGE_ADD, log_changes
 
 logger = logging.getLogger("centerid.gallery")
@@ -155,7 +156,7 @@ class ModelEmbeddings(IndexUpkeep):
     def start_backfill(self, embed: Embed, batch_size: int = 64) -> None:
         """Embed in the background what replicas on other models enroll (a shared store only)."""
         if self._db.shared and self._backfill is None:
-            self._backfill = Backfill(lambda: self.reembed(embed, batch_size), BACKFILL_POLL_S).start()
+            self._backfill = Backfill(self.reembed, (embed, batch_size), BACKFILL_POLL_S).start()
 
     def stop_backfill(self) -> None:
         """Stop embedding (the background one, and a start-up one between batches) before the embedder it
@@ -173,13 +174,15 @@ class ModelEmbeddings(IndexUpkeep):
 
 class Backfill:
     """One thread that runs the gallery's re-embedding when nudged, and at least every ``poll_s`` seconds
-    (entries a background rebuild's replay passed over are found that way)."""
+    (entries a background rebuild's replay passed over are found that way). It holds the gallery's method
+    weakly (:func:`service.held_weakly.held_weakly`) and ends once the gallery is collected."""
 
-    def __init__(self, run: Callable[[], int], poll_s: float) -> None:
-        self._run_once = run
-        self._poll_s = poll_s
-        self._wake = threading.Event()
+    def __init__(self, run: Callable[..., int], args: tuple[Any, ...], poll_s: float) -> None:
         self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._run_ref = held_weakly(run, lambda _: self.stop_soon())
+        self._args = args
+        self._poll_s = poll_s
         self._thread = threading.Thread(target=self._run, name="gallery-backfill", daemon=True)
 
     def start(self) -> Backfill:
@@ -189,10 +192,18 @@ class Backfill:
     def nudge(self) -> None:
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop_soon(self) -> None:
         self._stopping.set()
         self._wake.set()
+
+    def stop(self) -> None:
+        self.stop_soon()
         self._thread.join(timeout=30)
+
+    def _run_once(self) -> int | None:
+        """One pass; None when the gallery is gone (the strong reference lives only in this frame)."""
+        run = self._run_ref()
+        return None if run is None else int(run(*self._args))
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -202,6 +213,8 @@ class Backfill:
                 return
             try:
                 stored = self._run_once()
+                if stored is None:
+                    return
             except GalleryError as error:  # the store is away, or the gallery closes: try again later
                 logger.warning("embedding other models' entries with this model failed; retrying: %s", error)
                 continue

@@ -21,16 +21,15 @@ replayed into it, and the gallery asks again if the swapped index still needs on
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from service.gallery_sync import read_changes
+from service.held_weakly import held_weakly
 from service.index import IndexParams, SearchIndex
 from service.store import LAST_SEQ, Store
 
@@ -117,7 +116,7 @@ class Rebuilder:
     """
 
     def __init__(self, run: Callable[[str], bool]) -> None:
-        self._run = weakref.WeakMethod(run, self._owner_gone) if inspect.ismethod(run) else _strong(run)
+        self._run = held_weakly(run, self._owner_gone)
         self._cond = threading.Condition()
         self._pending: str | None = None
         self._running: str | None = None
@@ -217,8 +216,3 @@ class Rebuilder:
                 self._failed += 1
                 self._last_error = error
             self._cond.notify_all()
-
-
-def _strong(run: Callable[[str], bool]) -> Callable[[], Callable[[str], bool]]:
-    """A plain function's stand-in for a weak reference: it is always there."""
-    return lambda: run

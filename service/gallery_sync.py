@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.gallery_input import GalleryError
+from service.held_weakly import held_weakly
 from service.store import CHANGE_ADD, CHANGE_DELETE, CHANGE_REBUILD, Store
 
 logger = logging.getLogger("centerid.sync")
@@ -69,11 +70,12 @@ def read_changes(store: Store, after: int, fingerprint: str, limit: int = REPLAY
 
 
 class Follower:
-    """The thread that keeps a replica's index caught up with a shared store."""
+    """The thread that keeps a replica's index caught up with a shared store. It holds the gallery's
+    ``catch_up`` weakly (:func:`service.held_weakly.held_weakly`) and ends once the gallery is collected."""
 
     def __init__(self, store: Store, catch_up: Callable[[], object], poll_s: float) -> None:
         self._store = store
-        self._catch_up = catch_up
+        self._catch_up = held_weakly(catch_up, lambda _: self._stopping.set())
         self._poll_s = max(poll_s, 0.05)
         self._stopping = threading.Event()
         self.in_sync = True  # False while the store cannot be read: answers may miss other replicas' writes
@@ -91,7 +93,8 @@ class Follower:
         while not self._stopping.is_set():
             try:
                 self._store.wait_for_change(self._poll_s)
-                self._catch_up()
+                if not self._catch_up_once():
+                    return
             except GalleryError as error:
                 if self.in_sync:
                     logger.warning("gallery store unreachable, serving the local index until it is back: %s", error)
@@ -105,3 +108,11 @@ class Follower:
             if not self.in_sync:
                 logger.info("gallery store reachable again; index caught up")
             self.in_sync = True
+
+    def _catch_up_once(self) -> bool:
+        """False when the gallery is gone (the strong reference lives only in this frame)."""
+        catch_up = self._catch_up()
+        if catch_up is None:
+            return False
+        catch_up()
+        return True

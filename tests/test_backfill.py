@@ -5,6 +5,7 @@ bounded."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -214,3 +215,21 @@ def test_an_embedder_that_cannot_take_work_backs_off_no_entry(tmp_path: Path, er
             gallery.reembed(unavailable, batch_size=4)
         assert len(gallery.embed_backoff) == 0 and gallery.pending_reembed == 9
         assert gallery.reembed(FakeModel(), batch_size=4) == 8  # the next pass: everything but BAD
+
+
+def test_a_shared_store_gallery_dropped_without_close_leaves_no_thread_of_its_own(
+    tmp_path: Path, database: str
+) -> None:
+    """Follower, backfill and builder hold the gallery only weakly: collecting it ends all three (daemon
+    threads left waiting would keep the gallery, its index and its store reachable until the process ends)."""
+    before = set(threading.enumerate())
+    gallery = Gallery.open(tmp_path, DIM, "new", database_url=database, follow_poll_s=0.2)
+    gallery.start_backfill(FakeModel())
+    gallery.add("a", VECTORS[:2], [b"0", b"1"])
+    started = {t for t in set(threading.enumerate()) - before if t.name.startswith("gallery-")}
+    assert {t.name for t in started} == {"gallery-follower", "gallery-backfill", "gallery-rebuild"}
+    store = gallery._db  # its connection pool is the store's, not the gallery's: closed below, by hand
+    del gallery
+    gc.collect()
+    wait_until(lambda: not any(t.is_alive() for t in started), timeout=30.0)
+    store.close()
