@@ -40,7 +40,7 @@ from training.bundle import Bundle
 logger = logging.getLogger("centerid.service")
 
 BackendName = Literal["auto", "torch", "onnxruntime", "openvino"]
-MIN_COSINE = 0.9999  # per-row cosine between the torch and ONNX Runtime embeddings of the probe batch
+MIN_COSINE = 0.9999  # per-row cosine between torch's and a runtime's embeddings of the probe batch
 ONNX_OPSET = 17
 PROBE_ROUNDS = 3
 PROBE_SECONDS = 0.25  # per backend per round
