@@ -42,14 +42,14 @@ import torch.nn.functional as F
 
 from bench.ceilings import ceilings, print_ceilings
 from bench.serve_load_report import HEADER, Level, format_row, goals, provenance
-from service.backends import RUNTIMES
+from service.backends import AUTO_RUNTIMES, RUNTIMES
 from service.settings import available_cores
 from training.bundle import Threshold, load_bundle, save_bundle
 from training.datasets import orl_source_dir
 from training.models import build_model
 from training.preprocess import InputSpec
 
-BACKENDS = ["torch", *RUNTIMES]
+BACKENDS = ["torch", *AUTO_RUNTIMES]  # what auto chooses among; --backends may name openvino-bf16 too
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=300, help="requests per (mode, endpoint, concurrency) level")
     p.add_argument("--max-seconds", type=float, default=15.0, help="time cap per level")
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
+    p.add_argument("--backends", nargs="+", default=BACKENDS, choices=["torch", *RUNTIMES])
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--torch-threads", type=int, default=0, help="server's CENTERID_TORCH_THREADS (0 = its default)")
     p.add_argument("--gallery", type=int, default=200, help="entries enrolled before /identify runs")

@@ -50,7 +50,7 @@ def onnx_round_trip() -> dict[str, float]:
     import torch.nn.functional as F
     from torch import nn
 
-    from service.backends import RUNTIMES, onnx_bytes
+    from service.backends import AUTO_RUNTIMES, RUNTIMES, onnx_bytes
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 8)).eval()
@@ -61,6 +61,7 @@ def onnx_round_trip() -> dict[str, float]:
     return {
         name: float(np.max(np.abs(backend(onnx_model, 1)(probe.numpy()) - expected)))
         for name, backend in RUNTIMES.items()
+        if name in AUTO_RUNTIMES  # openvino-bf16 is the same runtime, and not exact by design
     }
 
 

@@ -10,8 +10,11 @@ winner in the cache keyed by weights, versions, threads and batch, so that later
 measurement instead of re-deciding on a noisy probe; a runtime that is missing, fails to load the export or
 disagrees is left out with a warning (torch is always a candidate).
 
-All three run in fp32: OpenVINO's CPU plugin would default to bf16 on CPUs with AMX, which is a precision
-change whose accuracy cost on unseen identities has not been measured, so it is pinned to f32.
+``auto`` chooses among fp32 backends only: OpenVINO's CPU plugin would default to bf16 on CPUs with AMX, so
+``openvino`` pins it to f32. ``openvino-bf16`` is the same runtime in bf16, an explicit choice: its accuracy
+cost on unseen identities was measured (``bench.bf16_accuracy``, docs/benchmarks_service.md) and it must pass
+the same start-up check against torch, but a precision change stays the operator's decision. On a CPU
+without bf16 it runs in f32, and the start-up reason says so.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from training.bundle import Bundle
 
 logger = logging.getLogger("centerid.service")
 
-BackendName = Literal["auto", "torch", "onnxruntime", "openvino"]
+BackendName = Literal["auto", "torch", "onnxruntime", "openvino", "openvino-bf16"]
 MIN_COSINE = 0.9999  # per-row cosine between torch's and a runtime's embeddings of the probe batch
 ONNX_OPSET = 17
 PROBE_ROUNDS = 3
@@ -97,7 +100,7 @@ class OpenVinoBackend:
 
     name = "openvino"
 
-    def __init__(self, model_bytes: bytes, threads: int) -> None:
+    def __init__(self, model_bytes: bytes, threads: int, precision: str = "f32") -> None:
         import openvino as ov
 
         core = ov.Core()
@@ -105,12 +108,17 @@ class OpenVinoBackend:
             "INFERENCE_NUM_THREADS": max(1, threads),
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": precision,
             "ENABLE_CPU_PINNING": False,
         }
         self.compiled = core.compile_model(core.read_model(model_bytes), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.lock = threading.Lock()
+        self.precision = self.compiled.get_property(
+            "INFERENCE_PRECISION_HINT"
+        ).to_string()  # what it runs in: f32, bf16
+        if precision != "f32":
+            self.name = f"openvino-{precision}"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self.lock:
@@ -120,7 +128,13 @@ class OpenVinoBackend:
 
 
 Backend = TorchBackend | OnnxRuntimeBackend | OpenVinoBackend
-RUNTIMES: dict[str, Callable[[bytes, int], Backend]] = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVinoBackend}
+RUNTIMES: dict[str, Callable[[bytes, int], Backend]] = {
+    "onnxruntime": OnnxRuntimeBackend,
+    "openvino": OpenVinoBackend,
+    "openvino-bf16": lambda model, threads: OpenVinoBackend(model, threads, precision="bf16"),
+}
+AUTO_RUNTIMES = ("onnxruntime", "openvino")  # auto never changes the precision
+PACKAGES = {"openvino-bf16": "openvino"}  # a runtime name that is not its package's
 
 
 def probe_batch(bundle: Bundle, rows: int = 8) -> np.ndarray:
@@ -240,7 +254,7 @@ def runtime_version(name: str) -> str:
     """The installed version of a runtime (part of the recorded choice's key: a new release may be faster)."""
     from importlib.metadata import version
 
-    return version(name)
+    return version(PACKAGES.get(name, name))
 
 
 def _choice_key(bundle: Bundle, names: list[str], threads: int, max_batch: int) -> dict[str, Any]:
@@ -265,6 +279,14 @@ def _runtime_backend(
     return candidate
 
 
+def _requested_reason(backend: Backend) -> str:
+    """ "requested", and for a reduced-precision backend the precision it actually runs in."""
+    if backend.name != "openvino-bf16":
+        return "requested"
+    ran = getattr(backend, "precision", "")
+    return "requested; runs in bf16" if ran == "bf16" else f"requested; this CPU has no bf16: runs in {ran}"
+
+
 def _one_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
@@ -278,7 +300,7 @@ def select_backend(
     if requested == "torch" or bundle.centers.device.type != "cpu":
         return torch_backend, {"requested": requested, "reason": "requested" if requested == "torch" else "device"}
     runtimes, failures = {}, {}
-    for name in RUNTIMES if requested == "auto" else [requested]:
+    for name in AUTO_RUNTIMES if requested == "auto" else [requested]:
         try:
             runtimes[name] = _runtime_backend(name, bundle, torch_backend, cache_dir, threads)
         except Exception as error:  # missing package, export or session failure, disagreement
@@ -286,7 +308,7 @@ def select_backend(
     if requested != "auto":
         if failures:
             raise BackendError(f"CENTERID_BACKEND={requested} cannot run this bundle: {failures[requested]}")
-        return runtimes[requested], {"requested": requested, "reason": "requested"}
+        return runtimes[requested], {"requested": requested, "reason": _requested_reason(runtimes[requested])}
     for name, message in failures.items():
         logger.warning("%s unavailable for this bundle (%s): not a candidate", name, message)
     if not runtimes:

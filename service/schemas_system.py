@@ -113,9 +113,9 @@ class GalleryInfo(BaseModel):
 
 
 class BackendInfo(BaseModel):
-    name: Literal["torch", "onnxruntime", "openvino"]
-    requested: Literal["auto", "torch", "onnxruntime", "openvino"]
-    reason: str  # requested | measured | recorded measurement | fallback: <why> | device
+    name: Literal["torch", "onnxruntime", "openvino", "openvino-bf16"]
+    requested: Literal["auto", "torch", "onnxruntime", "openvino", "openvino-bf16"]
+    reason: str  # requested[; runs in bf16 | ; this CPU has no bf16: ...] | measured | recorded measurement | ...
 
 
 class FacesInfo(BaseModel):

@@ -76,8 +76,9 @@ class Settings(BaseSettings):
 
     max_batch: int = Field(32, ge=1, description="most images per forward pass (1 disables batching)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first queued request waits for company")
-    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
-        "auto", description="inference backend; auto = the fastest on this machine (measured once, recorded)"
+    backend: Literal["auto", "torch", "onnxruntime", "openvino", "openvino-bf16"] = Field(
+        "auto",
+        description="inference backend; auto = the fastest fp32 one on this machine (measured once, recorded)",
     )
     model_cache_dir: Path | None = Field(
         None, description="where ONNX exports and backend measurements are cached; unset = ~/.cache/centerid"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import orl_bytes, orl_image, service_client
 
 from service import backends
-from service.backends import RUNTIMES, BackendError, TorchBackend, cache_key, select_backend
+from service.backends import AUTO_RUNTIMES, RUNTIMES, BackendError, TorchBackend, cache_key, select_backend
 from service.embedder import Embedder
 from training.bundle import load_bundle
 
@@ -65,6 +65,21 @@ def test_an_answer_is_not_rewritten_by_the_next_call(
     np.testing.assert_array_equal(first, kept)
 
 
+def cpu_has_bf16() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def bf16_reason() -> str:
+    return "requested; runs in bf16" if cpu_has_bf16() else "requested; this CPU has no bf16: runs in f32"
+
+
+def test_openvino_bf16_is_bf16_where_the_cpu_has_it_and_says_what_it_runs(bundle_dir: Path, tmp_path: Path) -> None:
+    backend, choice = select_backend(load_bundle(bundle_dir), "openvino-bf16", tmp_path, threads=1, max_batch=8)
+    assert backend.name == "openvino-bf16" and choice["reason"] == bf16_reason()
+    assert backend.precision == ("bf16" if cpu_has_bf16() else "f32")  # type: ignore[union-attr]
+
+
 def test_openvino_runs_in_fp32_even_where_the_cpu_would_pick_bf16(bundle_dir: Path, tmp_path: Path) -> None:
     """OpenVINO's CPU plugin defaults to bf16 on CPUs with AMX; equal embeddings need f32 on every CPU. Its
     threads are not pinned (replicas on one host would all pin to the same cores)."""
@@ -97,7 +112,7 @@ def test_an_unwritable_cache_still_serves(bundle_dir: Path, images: np.ndarray, 
     blocker.write_text("not a folder")
     bundle = load_bundle(bundle_dir)
     backend, choice = select_backend(bundle, runtime, blocker / "cache", threads=1, max_batch=8)  # type: ignore[arg-type]
-    assert backend.name == runtime and choice["reason"] == "requested"
+    assert backend.name == runtime and choice["reason"].startswith("requested")
     assert cosines(backend(images), reference(bundle_dir, images)).min() >= 0.9999
 
 
@@ -113,7 +128,7 @@ def test_an_export_that_disagrees_is_refused_or_falls_back(
             select_backend(bundle, runtime, tmp_path, threads=1, max_batch=8)  # type: ignore[arg-type]
     backend, choice = select_backend(bundle, "auto", tmp_path, threads=1, max_batch=8)
     assert backend.name == "torch" and choice["reason"].startswith("fallback")
-    assert all(f"{runtime}: BackendError" in choice["reason"] for runtime in RUNTIMES)
+    assert all(f"{runtime}: BackendError" in choice["reason"] for runtime in AUTO_RUNTIMES)
 
 
 def test_a_runtime_that_cannot_load_is_left_out_of_auto(
@@ -138,7 +153,7 @@ def test_a_runtime_that_cannot_load_is_left_out_of_auto(
         select_backend(load_bundle(bundle_dir), "openvino", tmp_path, threads=1, max_batch=8)
 
 
-@pytest.mark.parametrize("winner", ["torch", *sorted(RUNTIMES)])
+@pytest.mark.parametrize("winner", ["torch", *AUTO_RUNTIMES])
 def test_auto_serves_the_measured_winner_and_reuses_the_record(
     bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, winner: str
 ) -> None:
@@ -147,7 +162,9 @@ def test_auto_serves_the_measured_winner_and_reuses_the_record(
 
     def fake_measure(candidates: list[object], batch: np.ndarray, rounds: int = 3) -> dict[str, float]:
         calls.append(batch.shape[0])
-        return {backend.name: rates[backend.name] for backend in candidates}  # type: ignore[attr-defined]
+        names = [backend.name for backend in candidates]  # type: ignore[attr-defined]
+        assert sorted(names) == sorted(["torch", *AUTO_RUNTIMES])  # fp32 only: never openvino-bf16
+        return {name: rates[name] for name in names}
 
     monkeypatch.setattr(backends, "measure", fake_measure)
     bundle = load_bundle(bundle_dir)
@@ -202,7 +219,8 @@ def test_info_names_the_backend_and_embed_agrees_with_torch(bundle_dir: Path, tm
     files = [("files", (f"{j}.pgm", orl_bytes(3, j), "image/x-portable-graymap")) for j in (1, 2, 3)]
     with service_client(bundle_dir, tmp_path / "gallery", backend=runtime, model_cache_dir=tmp_path) as client:
         info = client.get("/info").json()
-        assert info["backend"] == {"name": runtime, "requested": runtime, "reason": "requested"}
+        assert info["backend"]["name"] == runtime and info["backend"]["requested"] == runtime
+        assert info["backend"]["reason"] == ("requested" if runtime in AUTO_RUNTIMES else bf16_reason())
         served = np.array(client.post("/embed", files=files).json()["embeddings"], np.float32)
     bundle = load_bundle(bundle_dir)
     batch = bundle.preprocess.batch([orl_image(3, j) for j in (1, 2, 3)])
