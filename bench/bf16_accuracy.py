@@ -15,7 +15,6 @@ between the two (what a load-time check could test).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from bench.common import display_command, machine
 from bench.int8_accuracy import (
     Forward,
+    add_split_and_speed_args,
     agreement,
     embed,
     paired,
@@ -37,6 +37,7 @@ from bench.int8_accuracy import (
     tensors,
     throughput,
     unseen_samples,
+    write_and_print,
 )
 from service.backends import OnnxRuntimeBackend, OpenVinoBackend, export_onnx, min_cosine
 from training.bundle import load_bundle
@@ -121,24 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--unseen", type=Path, required=True, help="image folder of identities the bundle never saw")
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
-    parser.add_argument("--gallery-size", type=int, default=1000)
-    parser.add_argument("--enroll", type=int, default=5)
-    parser.add_argument("--far", type=float, default=1e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--batch", type=int, default=32, help="the server's max batch (CENTERID_MAX_BATCH)")
-    parser.add_argument("--threads", type=int, default=1, help="the server's inference threads")
-    parser.add_argument("--rounds", type=int, default=11)
-    parser.add_argument("--seconds", type=float, default=0.5, help="per backend per round")
+    add_split_and_speed_args(parser, rounds=11)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(summary(result))
-    return 0
+    return write_and_print(args.out, run(args), summary)
 
 
 if __name__ == "__main__":

@@ -289,24 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
         default="train",
         help="static ranges from training images, or from seeded N(0, 1) noise of the same shape (a comparison)",
     )
+    add_split_and_speed_args(parser, rounds=7)
+    return parser
+
+
+def add_split_and_speed_args(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The gallery/stranger splits and the timing rounds (shared with ``bench.bf16_accuracy``)."""
     parser.add_argument("--gallery-size", type=int, default=1000)
     parser.add_argument("--enroll", type=int, default=5)
     parser.add_argument("--far", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--batch", type=int, default=32, help="the server's max batch (CENTERID_MAX_BATCH)")
     parser.add_argument("--threads", type=int, default=1, help="the server's inference threads")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--seconds", type=float, default=0.5, help="per backend per round")
-    return parser
+
+
+def write_and_print(out: Path, result: dict[str, Any], summary_of: Callable[[dict[str, Any]], str]) -> int:
+    """The results JSON at ``out``, and the summary lines on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(summary_of(result))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(summary(result))
-    return 0
+    return write_and_print(args.out, run(args), summary)
 
 
 if __name__ == "__main__":
